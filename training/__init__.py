@@ -1,0 +1,1 @@
+"""Datasets, losses, metrics and the three-stage AdaMTL training recipe."""

@@ -1,0 +1,1 @@
+"""Datasets that yield the common multi-task sample (see `training.datasets.common`)."""
