@@ -79,11 +79,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
-            raise ValueError(f"invalid tasks {list(self.tasks)}: choose a non-empty subset of {list(TASKS)}")
+            raise ValueError(
+                f"invalid tasks {list(self.tasks)}: choose a non-empty subset of {list(TASKS)}"
+            )
         if len(self.depths) != 4 or len(self.num_heads) != 4:
-            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} need 4 stages each")
+            raise ValueError(
+                f"depths {self.depths} and num_heads {self.num_heads} need 4 stages each"
+            )
         if self.img_size % 32:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of 32 (patch 4, 3 merges)")
+            raise ValueError(
+                f"img_size {self.img_size} must be a multiple of 32 (patch 4, 3 merges)"
+            )
         if self.policy_mode not in ("task_aware", "task_agnostic"):
             raise ValueError(
                 f"invalid policy_mode {self.policy_mode!r}: use 'task_aware' or 'task_agnostic'"
@@ -122,7 +128,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown model configuration keys {unknown}; known keys: {sorted(known)}")
+            raise ValueError(
+                f"unknown model configuration keys {unknown}; known keys: {sorted(known)}"
+            )
         data = dict(data)
         for key in ("depths", "num_heads", "tasks"):
             if key in data:

@@ -1,0 +1,97 @@
+"""Per-task multi-scale fusing layers and two-convolution decoders (NCHW).
+
+Each task projects the four stage outputs to `width` channels at their own resolution, resizes
+them to the head resolution (input / head_stride), concatenates, fuses them with a 1x1
+convolution and one residual block, and decodes with two convolutions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TaskHead"]
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity shortcut."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + x, inplace=True)
+
+
+class TaskHead(nn.Module):
+    """Fusing layer and decoder of one task.
+
+    Args:
+        stage_dims: channels of the four stage outputs.
+        width: channels of the fused feature map.
+        out_channels: channels of the task's output map.
+    """
+
+    def __init__(self, stage_dims: Sequence[int], width: int, out_channels: int):
+        super().__init__()
+        self.stage_dims = tuple(stage_dims)
+        self.width = width
+        self.out_channels = out_channels
+        self.projections = nn.ModuleList(nn.Conv2d(dim, width, 1, bias=False) for dim in stage_dims)
+        self.fuse = _conv_bn_relu(width * len(stage_dims), width, 1)
+        self.residual = ResidualBlock(width)
+        self.decoder = nn.Sequential(
+            _conv_bn_relu(width, width, 3),
+            nn.Conv2d(width, out_channels, 1),
+        )
+
+    def forward(self, features: Sequence[torch.Tensor], head_size: tuple[int, int]) -> torch.Tensor:
+        """Decode one task's output map.
+
+        Args:
+            features: four (B, C_i, H_i, W_i) stage outputs.
+            head_size: (H, W) of the fused map.
+
+        Returns:
+            (B, out_channels, H, W) output at head resolution.
+        """
+        projected = []
+        for feature, projection in zip(features, self.projections, strict=True):
+            feature = projection(feature)
+            if feature.shape[-2:] != head_size:
+                feature = F.interpolate(
+                    feature, size=head_size, mode="bilinear", align_corners=False
+                )
+            projected.append(feature)
+        fused = self.fuse(torch.cat(projected, dim=1))
+        return self.decoder(self.residual(fused))
+
+    def flops_per_image(
+        self, stage_sizes: Sequence[tuple[int, int]], head_size: tuple[int, int]
+    ) -> int:
+        """Return the multiply-accumulates of one forward pass for one image."""
+        total = 0
+        for (height, width), dim in zip(stage_sizes, self.stage_dims, strict=True):
+            total += height * width * dim * self.width
+        pixels = head_size[0] * head_size[1]
+        total += pixels * self.width * len(self.stage_dims) * self.width  # 1x1 fuse
+        total += 3 * pixels * self.width * self.width * 9  # residual block and first decoder conv
+        total += pixels * self.width * self.out_channels  # output conv
+        return total

@@ -1,0 +1,484 @@
+"""The AdaMTL module: adaptive Swin encoder, policies and task heads.
+
+`AdaMTL.forward(images, budgets, tasks)` returns a `ModelOutput`: one map per requested task
+and an `ExecutionStats` record of the work executed for each image. FLOPs are
+multiply-accumulates (one FLOP per MAC, the convention of the Swin and AdaMTL papers) of the
+convolutions, linear layers and attention matrix products actually run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_core.encoder import SwinEncoder
+from model_core.heads import TaskHead
+from model_core.policy import StagePolicy, gumbel_sigmoid_gate, union_over_tasks
+from model_core.presets import ModelConfig
+from model_core.skipping import run_block_masked, run_block_packed, window_layout
+
+__all__ = ["AdaMTL", "ExecutionStats", "InvalidRequestError", "ModelOutput", "TaskRequest"]
+
+# A request for tasks: None (all), names for the whole batch, or one list of names per image.
+TaskRequest = Sequence[str] | Sequence[Sequence[str]] | None
+
+
+class InvalidRequestError(ValueError):
+    """A budget or task list that the model cannot serve; the message names the valid values."""
+
+
+@dataclass
+class ExecutionStats:
+    """Work executed for each image of a batch; every tensor has a leading batch dimension.
+
+    Attributes:
+        flops: (B,) executed multiply-accumulates, policy and heads included.
+        static_flops: (B,) multiply-accumulates of the static model for the requested tasks.
+        policy_flops: (B,) multiply-accumulates of the policy networks.
+        budgets: (B,) requested budgets.
+        block_keep: (B, L) 1 where block l ran. Straight-through gate values in training.
+        token_keep: (B, L) share of block l's tokens the token policy kept (ignoring the block
+            decision). Differentiable in training.
+        executed_token_ratio: (B, L) share of block l's tokens computed (0 if skipped).
+        stage_token_ratio: (B, 4) executed token ratio averaged over each stage's blocks.
+        tokens_ratio: (B,) executed token ratio weighted by each block's embedding width.
+        blocks_executed: (B,) blocks that ran.
+        keep_masks: per block, the (B, H, W) bool mask of computed tokens (`return_masks=True`).
+    """
+
+    flops: torch.Tensor
+    static_flops: torch.Tensor
+    policy_flops: torch.Tensor
+    budgets: torch.Tensor
+    block_keep: torch.Tensor
+    token_keep: torch.Tensor
+    executed_token_ratio: torch.Tensor
+    stage_token_ratio: torch.Tensor
+    tokens_ratio: torch.Tensor
+    blocks_executed: torch.Tensor
+    keep_masks: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def flops_ratio(self) -> torch.Tensor:
+        return self.flops / self.static_flops
+
+    def image(self, index: int) -> dict:
+        """Return image `index`'s statistics as plain Python numbers."""
+        return {
+            "flops": float(self.flops[index]),
+            "static_flops": float(self.static_flops[index]),
+            "flops_ratio": float(self.flops_ratio[index]),
+            "policy_flops": float(self.policy_flops[index]),
+            "tokens_ratio": float(self.tokens_ratio[index]),
+            "tokens_ratio_per_stage": [float(v) for v in self.stage_token_ratio[index]],
+            "blocks_executed": int(self.blocks_executed[index]),
+            "blocks_total": int(self.block_keep.shape[1]),
+            "budget": float(self.budgets[index]),
+        }
+
+
+@dataclass
+class ModelOutput:
+    """Task maps and execution statistics.
+
+    Attributes:
+        outputs: per requested task, a (B, C, S, S) map at the input resolution: "saliency"
+            logits (C=1), "human_parts" and "semseg" class logits, "normals" unit vectors
+            (C=3). Rows of images that did not request the task are zeros.
+        stats: the work executed per image.
+        task_mask: (B, T) bool, the tasks each image requested, in `config.tasks` order.
+    """
+
+    outputs: dict[str, torch.Tensor]
+    stats: ExecutionStats
+    task_mask: torch.Tensor
+
+
+class AdaMTL(nn.Module):
+    """Multi-task Swin model whose policy skips blocks and tokens per image.
+
+    Args:
+        config: model configuration (see `model_core.presets.get_preset`).
+        adapt_blocks: let the policy skip whole blocks (blocks-only / tokens-only ablations).
+        adapt_tokens: let the policy skip tokens inside blocks.
+    """
+
+    def __init__(self, config: ModelConfig, adapt_blocks: bool = True, adapt_tokens: bool = True):
+        super().__init__()
+        if not (adapt_blocks or adapt_tokens):
+            raise ValueError("at least one of adapt_blocks and adapt_tokens must be True")
+        self.config = config
+        self.adapt_blocks = adapt_blocks
+        self.adapt_tokens = adapt_tokens
+        self.encoder = SwinEncoder(config)
+        num_subnets = len(config.tasks) if config.policy_mode == "task_aware" else 1
+        self.policies = nn.ModuleList(
+            StagePolicy(dim, depth, num_subnets, config.policy_hidden, adapt_blocks, adapt_tokens)
+            for dim, depth in zip(config.stage_dims, config.depths, strict=True)
+        )
+        self.heads = nn.ModuleDict(
+            {
+                task: TaskHead(config.stage_dims, config.decoder_width, config.num_outputs(task))
+                for task in config.tasks
+            }
+        )
+        self.head_size = (config.img_size // config.head_stride,) * 2
+        # Budget to gate offset table, filled by model_core.calibration.calibrate.
+        self.calibration: dict[str, list[float]] | None = None
+        self._static_costs = self._compute_static_costs()
+
+    # ----------------------------------------------------------------------------------------
+    # Requests
+
+    @property
+    def budget_range(self) -> tuple[float, float]:
+        return (self.config.min_budget, 1.0)
+
+    def task_mask(self, tasks: TaskRequest, batch: int) -> torch.Tensor:
+        """Validate a task request and return it as a (B, T) bool mask."""
+        names = self.config.tasks
+        if tasks is None:
+            return torch.ones(batch, len(names), dtype=torch.bool)
+        if isinstance(tasks, str):
+            raise InvalidRequestError(f"tasks must be a list of names, got the string {tasks!r}")
+        per_image = len(tasks) > 0 and not isinstance(tasks[0], str)
+        requests = list(tasks) if per_image else [tasks] * batch
+        if len(requests) != batch:
+            raise InvalidRequestError(
+                f"got {len(requests)} task lists for a batch of {batch} images"
+            )
+        mask = torch.zeros(batch, len(names), dtype=torch.bool)
+        for row, request in enumerate(requests):
+            if isinstance(request, str) or len(request) == 0:
+                raise InvalidRequestError(
+                    f"invalid task list {request!r}: name at least one of {list(names)}"
+                )
+            for name in request:
+                if name not in names:
+                    raise InvalidRequestError(f"unknown task {name!r}; valid tasks: {list(names)}")
+                mask[row, names.index(name)] = True
+        return mask
+
+    def budget_tensor(
+        self, budgets: float | Sequence[float] | torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """Validate budgets and return them as a (B,) float tensor."""
+        values = torch.as_tensor(budgets, dtype=torch.float32).flatten()
+        if values.numel() == 1:
+            values = values.expand(batch).clone()
+        if values.numel() != batch:
+            raise InvalidRequestError(f"got {values.numel()} budgets for a batch of {batch} images")
+        low, high = self.budget_range
+        bad = ~torch.isfinite(values) | (values < low - 1e-6) | (values > high + 1e-6)
+        if bool(bad.any()):
+            value = float(values[bad][0])
+            raise InvalidRequestError(f"invalid budget {value}: choose a value in [{low}, {high}]")
+        return values.clamp(low, high)
+
+    def gate_offsets(self, budgets: torch.Tensor) -> torch.Tensor:
+        """Return the calibrated gate offset for each budget (0 without a calibration table)."""
+        if self.calibration is None or self.training:
+            return torch.zeros_like(budgets)
+        grid = np.asarray(self.calibration["budgets"], dtype=np.float64)
+        offsets = np.asarray(self.calibration["offsets"], dtype=np.float64)
+        values = np.interp(budgets.detach().cpu().double().numpy(), grid, offsets)
+        return torch.from_numpy(values).to(budgets.device, torch.float32)
+
+    # ----------------------------------------------------------------------------------------
+    # Costs
+
+    def _compute_static_costs(self) -> dict:
+        config = self.config
+        encoder = self.encoder
+        grid = config.img_size // 4
+        costs = {"patch_embed": grid * grid * config.embed_dim * 3 * 16, "blocks": [], "merges": []}
+        for stage_index, stage in enumerate(encoder.layers):
+            height, width = encoder.stage_sizes[stage_index]
+            dim = config.stage_dims[stage_index]
+            if stage_index > 0:
+                costs["merges"].append(height * width * (2 * dim) * dim)
+            for block in stage.blocks:
+                hidden = block.mlp.fc1.out_features
+                per_token = 4 * dim * dim + 2 * dim * hidden  # qkv, projection, MLP
+                area = block.window_size[0] * block.window_size[1]
+                per_window = 2 * area * area * dim  # q @ k^T and attention @ v over all heads
+                num_windows = (height * width) // area
+                costs["blocks"].append(
+                    {"tokens": height * width, "per_token": per_token, "per_window": per_window,
+                     "windows": num_windows, "dim": dim}
+                )  # fmt: skip
+        costs["heads"] = {
+            task: head.flops_per_image(encoder.stage_sizes, self.head_size)
+            for task, head in self.heads.items()
+        }
+        costs["encoder"] = (
+            costs["patch_embed"]
+            + sum(costs["merges"])
+            + sum(
+                b["tokens"] * b["per_token"] + b["windows"] * b["per_window"]
+                for b in costs["blocks"]
+            )
+        )
+        costs["policy"] = [
+            policy.flops_per_image(*size)
+            for policy, size in zip(self.policies, encoder.stage_sizes, strict=True)
+        ]
+        return costs
+
+    def static_flops(self, tasks: Sequence[str] | None = None) -> float:
+        """Return the multiply-accumulates of the static model for `tasks` (default: all)."""
+        tasks = self.config.tasks if tasks is None else tasks
+        return float(
+            self._static_costs["encoder"] + sum(self._static_costs["heads"][t] for t in tasks)
+        )
+
+    def policy_flops(self) -> float:
+        """Return the multiply-accumulates of all policy networks for one image."""
+        return float(sum(self._static_costs["policy"]))
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        budgets: float | Sequence[float] | torch.Tensor = 1.0,
+        tasks: TaskRequest = None,
+        *,
+        random_keep: float | None = None,
+        generator: torch.Generator | None = None,
+        return_masks: bool = False,
+        compute_outputs: bool = True,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            images: (B, 3, S, S) normalised images, S = config.img_size.
+            budgets: target fraction of the static model's FLOPs for the requested tasks, one
+                value or one per image, in [config.min_budget, 1]. Images at budget 1 bypass
+                the policy and run the static model.
+            tasks: None (all tasks), names for the whole batch, or one list per image.
+            random_keep: ablation: replace the policy with masks that keep each block and
+                token with this probability (every image is then adaptive).
+            generator: random generator for the Gumbel noise or the random masks.
+            return_masks: fill `stats.keep_masks`.
+            compute_outputs: run the heads. When False, `outputs` is empty but `stats` still
+                counts the heads' FLOPs as if they ran (used by calibration).
+        """
+        size = self.config.img_size
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+            raise ValueError(
+                f"expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}"
+            )
+        batch = images.shape[0]
+        device = images.device
+        budgets = self.budget_tensor(budgets, batch).to(device)
+        task_mask = self.task_mask(tasks, batch).to(device)
+        if random_keep is not None:
+            adaptive = torch.ones(batch, dtype=torch.bool, device=device)
+        else:
+            adaptive = budgets < 1.0
+        any_adaptive = bool(adaptive.any())
+
+        costs = self._static_costs
+        flops = torch.full(
+            (batch,), float(costs["patch_embed"]), dtype=torch.float64, device=device
+        )
+        policy_flops = torch.zeros(batch, dtype=torch.float64, device=device)
+        block_keep, token_keep, executed, keep_masks = [], [], [], []
+        features = []
+
+        x = self.encoder.patch_embed(images)  # (B, H/4, W/4, C)
+        block_index = 0
+        for stage_index, stage in enumerate(self.encoder.layers):
+            x = stage.downsample(x)
+            if stage_index > 0:
+                flops += costs["merges"][stage_index - 1]
+            height, width = x.shape[1:3]
+            if any_adaptive:
+                stage_blocks, stage_tokens = self._stage_masks(
+                    stage_index,
+                    x,
+                    budgets,
+                    task_mask,
+                    adaptive,
+                    random_keep,
+                    generator,
+                    policy_flops,
+                )
+            for depth_index, block in enumerate(stage.blocks):
+                cost = costs["blocks"][block_index]
+                if not any_adaptive:
+                    x = block(x)
+                    ones = torch.ones(batch, device=device)
+                    block_keep.append(ones)
+                    token_keep.append(ones)
+                    executed.append(ones)
+                    flops += (
+                        cost["tokens"] * cost["per_token"] + cost["windows"] * cost["per_window"]
+                    )
+                    if return_masks:
+                        keep_masks.append(
+                            torch.ones(batch, height, width, dtype=torch.bool, device=device)
+                        )
+                    block_index += 1
+                    continue
+                block_mask = stage_blocks[:, depth_index]  # (B,)
+                token_mask = stage_tokens[:, depth_index]  # (B, H, W)
+                keep = block_mask.view(batch, 1, 1) * token_mask  # (B, H, W)
+                keep_bool = keep.detach() > 0.5
+                if self.training:
+                    x = run_block_masked(block, x, keep)
+                    kept = keep_bool.reshape(batch, -1).sum(1)
+                    windows = _attended_windows(block, keep_bool)
+                else:
+                    x, packed = run_block_packed(block, x, keep_bool)
+                    kept, windows = packed.kept_tokens, packed.attended_windows
+                flops += kept.double() * cost["per_token"] + windows.double() * cost["per_window"]
+                block_keep.append(block_mask)
+                token_keep.append(token_mask.mean(dim=(1, 2)))
+                executed.append(kept.float() / cost["tokens"])
+                if return_masks:
+                    keep_masks.append(keep_bool)
+                block_index += 1
+            features.append(self.encoder.output_norm(stage_index, x).permute(0, 3, 1, 2))
+
+        outputs = {}
+        for task_index, task in enumerate(self.config.tasks):
+            rows = task_mask[:, task_index]
+            flops += rows.double() * costs["heads"][task]
+            if compute_outputs and bool(rows.any()):
+                outputs[task] = self._run_head(task, features, rows)
+        flops += policy_flops
+
+        executed_ratio = torch.stack(executed, dim=1)  # (B, L)
+        widths = torch.tensor(
+            [b["dim"] for b in costs["blocks"]], dtype=torch.float32, device=device
+        )
+        stage_ratio = torch.stack(
+            [part.mean(1) for part in executed_ratio.split(list(self.config.depths), dim=1)], dim=1
+        )
+        block_keep_t = torch.stack(block_keep, dim=1)
+        head_costs = torch.tensor(
+            [costs["heads"][t] for t in self.config.tasks], dtype=torch.float64, device=device
+        )
+        static = costs["encoder"] + (task_mask.double() * head_costs).sum(1)
+        stats = ExecutionStats(
+            flops=flops,
+            static_flops=static,
+            policy_flops=policy_flops,
+            budgets=budgets,
+            block_keep=block_keep_t,
+            token_keep=torch.stack(token_keep, dim=1),
+            executed_token_ratio=executed_ratio,
+            stage_token_ratio=stage_ratio,
+            tokens_ratio=(executed_ratio * widths).sum(1) / widths.sum(),
+            blocks_executed=(block_keep_t.detach() > 0.5).sum(1),
+            keep_masks=keep_masks,
+        )
+        return ModelOutput(outputs=outputs, stats=stats, task_mask=task_mask)
+
+    def _stage_masks(
+        self,
+        stage_index: int,
+        x: torch.Tensor,
+        budgets: torch.Tensor,
+        task_mask: torch.Tensor,
+        adaptive: torch.Tensor,
+        random_keep: float | None,
+        generator: torch.Generator | None,
+        policy_flops: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (B, depth) block masks and (B, depth, H, W) token masks for one stage.
+
+        Images that are not adaptive keep everything, and the policy runs only on the others,
+        whose policy FLOPs are added to `policy_flops` in place.
+        """
+        batch, height, width, _ = x.shape
+        depth = self.config.depths[stage_index]
+        device, dtype = x.device, x.dtype
+        if random_keep is not None:
+            blocks = torch.ones(batch, depth, device=device, dtype=dtype)
+            tokens = torch.ones(batch, depth, height, width, device=device, dtype=dtype)
+            if self.adapt_blocks:
+                blocks = (torch.rand(batch, depth, generator=generator) < random_keep).to(
+                    device, dtype
+                )
+            if self.adapt_tokens:
+                draw = torch.rand(batch, depth, height, width, generator=generator)
+                tokens = (draw < random_keep).to(device, dtype)
+            return blocks, tokens
+
+        all_adaptive = bool(adaptive.all())
+        rows = None if all_adaptive else adaptive.nonzero().squeeze(1)
+        policy_input = x if all_adaptive else x.index_select(0, rows)
+        row_budgets = budgets if all_adaptive else budgets.index_select(0, rows)
+        row_tasks = task_mask if all_adaptive else task_mask.index_select(0, rows)
+        if self.config.policy_mode == "task_agnostic":
+            row_tasks = torch.ones(row_tasks.shape[0], 1, dtype=torch.bool, device=device)
+
+        policy = self.policies[stage_index]
+        decision = policy(policy_input, row_budgets)
+        offset = self.gate_offsets(row_budgets).to(dtype)
+        temperature = self.config.gumbel_temperature
+        rows_count = policy_input.shape[0]
+        if decision.block_logits is not None:
+            logits = decision.block_logits + offset.view(-1, 1, 1)
+            gates = gumbel_sigmoid_gate(logits, temperature, self.training, generator)
+            row_blocks = union_over_tasks(gates, row_tasks)  # (R, depth)
+        else:
+            row_blocks = torch.ones(rows_count, depth, device=device, dtype=dtype)
+        if decision.token_logits is not None:
+            logits = decision.token_logits + offset.view(-1, 1, 1, 1, 1)
+            gates = gumbel_sigmoid_gate(logits, temperature, self.training, generator)
+            row_tokens = union_over_tasks(gates, row_tasks).permute(0, 3, 1, 2)  # (R, depth, H, W)
+        else:
+            row_tokens = torch.ones(rows_count, depth, height, width, device=device, dtype=dtype)
+
+        cost = float(self._static_costs["policy"][stage_index])
+        if all_adaptive:
+            policy_flops += cost
+            return row_blocks, row_tokens
+        policy_flops.index_add_(
+            0, rows, torch.full((rows.numel(),), cost, dtype=torch.float64, device=device)
+        )
+        blocks = torch.ones(batch, depth, device=device, dtype=dtype).index_put((rows,), row_blocks)
+        tokens = torch.ones(batch, depth, height, width, device=device, dtype=dtype).index_put(
+            (rows,), row_tokens
+        )
+        return blocks, tokens
+
+    def _run_head(
+        self, task: str, features: list[torch.Tensor], rows: torch.Tensor
+    ) -> torch.Tensor:
+        head = self.heads[task]
+        all_rows = bool(rows.all())
+        index = None if all_rows else rows.nonzero().squeeze(1)
+        inputs = features if all_rows else [f.index_select(0, index) for f in features]
+        out = head(inputs, self.head_size)
+        out = F.interpolate(
+            out, size=(self.config.img_size,) * 2, mode="bilinear", align_corners=False
+        )
+        if task == "normals":
+            out = F.normalize(out, dim=1, eps=1e-6)
+        if all_rows:
+            return out
+        full = out.new_zeros((rows.shape[0],) + tuple(out.shape[1:]))
+        return full.index_copy(0, index, out)
+
+
+def _attended_windows(block: nn.Module, keep: torch.Tensor) -> torch.Tensor:
+    """Count, per image, the windows of `block` that hold at least one kept token."""
+    batch, height, width = keep.shape
+    layout = window_layout(
+        height, width, tuple(block.window_size), tuple(block.shift_size), keep.device
+    )
+    occupied = torch.zeros(batch, layout.num_windows, dtype=torch.long, device=keep.device)
+    index = layout.window_of_position.expand(batch, -1)
+    occupied.scatter_reduce_(1, index, keep.reshape(batch, -1).long(), reduce="amax")
+    return occupied.sum(1)

@@ -1,0 +1,214 @@
+"""Inference wrapper: images of any size in, task maps at the original size out.
+
+`Predictor` owns the one preprocessing path of the project (resize to the model input,
+normalise), device placement, eval mode and post-processing back to each image's size
+(nearest for label maps, bilinear for saliency and normals). The service, the evaluation code
+and the benchmarks all call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model_core.checkpoint import load_checkpoint
+from model_core.model import AdaMTL, InvalidRequestError, ModelOutput, TaskRequest
+from model_core.presets import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["InvalidRequestError", "Prediction", "Predictor"]
+
+ImageInput = Image.Image | np.ndarray
+
+
+@dataclass
+class Prediction:
+    """Maps and execution statistics of one image.
+
+    Attributes:
+        maps: per requested task, at the image's size: "saliency" float32 (H, W) in [0, 1],
+            "human_parts" and "semseg" uint8 (H, W) class indices, "normals" float32 (H, W, 3)
+            unit vectors (x right, y up, z towards the camera).
+        stats: flops, static_flops, flops_ratio, policy_flops, tokens_ratio,
+            tokens_ratio_per_stage, blocks_executed, blocks_total, budget and tasks.
+    """
+
+    maps: dict[str, np.ndarray]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Predictor:
+    """Run an `AdaMTL` model on raw images.
+
+    Args:
+        model: the model; moved to `device` and put in eval mode.
+        device: torch device.
+        metadata: checkpoint metadata (name, version, provenance, metrics), if any.
+    """
+
+    def __init__(
+        self, model: AdaMTL, device: str | torch.device = "cpu", metadata: dict | None = None
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.metadata = metadata or {
+            "name": f"adamtl-{model.config.name}",
+            "version": "untrained",
+            "config": model.config.to_dict(),
+            "calibration": model.calibration,
+            "provenance": {},
+            "metrics": {},
+        }
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+        """Load checkpoint `path` (raises `CheckpointError` naming the problem)."""
+        model, metadata = load_checkpoint(path, map_location=device)
+        return cls(model, device=device, metadata=metadata)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.model.config.tasks
+
+    @property
+    def classes(self) -> dict[str, tuple[str, ...]]:
+        return {
+            t: self.model.config.classes[t] for t in ("human_parts", "semseg") if t in self.tasks
+        }
+
+    @property
+    def budget_range(self) -> tuple[float, float]:
+        return self.model.budget_range
+
+    @property
+    def input_size(self) -> int:
+        return self.model.config.img_size
+
+    def static_flops(self, tasks: Sequence[str] | None = None) -> float:
+        """Return the multiply-accumulates of the static model for `tasks` (default: all)."""
+        return self.model.static_flops(tasks)
+
+    def validate(self, budget: float, tasks: Sequence[str] | None) -> None:
+        """Raise `InvalidRequestError` unless `budget` and `tasks` can be served."""
+        self.model.budget_tensor(budget, 1)
+        self.model.task_mask(None if tasks is None else [list(tasks)], 1)
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Resize and normalise RGB images into a (B, 3, S, S) batch on the device."""
+        size = self.input_size
+        batch = []
+        for image in images:
+            array = _as_rgb_array(image)
+            tensor = torch.from_numpy(array).to(self.device).permute(2, 0, 1)[None].float()
+            if tensor.shape[-2:] != (size, size):
+                tensor = F.interpolate(
+                    tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )
+            batch.append(tensor)
+        pixels = torch.cat(batch).div_(255.0)
+        return (pixels - self._mean) / self._std
+
+    @torch.no_grad()
+    def run(
+        self,
+        images: torch.Tensor,
+        budgets: float | Sequence[float] | torch.Tensor = 1.0,
+        tasks: TaskRequest = None,
+        **kwargs: Any,
+    ) -> ModelOutput:
+        """Run the model on an already preprocessed (B, 3, S, S) batch, in eval mode."""
+        self.model.eval()
+        return self.model(images.to(self.device), budgets, tasks, **kwargs)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        budgets: float | Sequence[float] = 1.0,
+        tasks: TaskRequest = None,
+    ) -> list[Prediction]:
+        """Predict the requested maps for each image in one batched forward pass.
+
+        Args:
+            images: RGB PIL images or uint8 (H, W, 3) arrays of any sizes.
+            budgets: one budget, or one per image.
+            tasks: None (all), names for all images, or one list of names per image.
+
+        Raises:
+            InvalidRequestError: for a budget out of range or an unknown task.
+        """
+        if len(images) == 0:
+            return []
+        sizes = [_image_size(image) for image in images]
+        output = self.run(self.preprocess(images), budgets, tasks)
+        names = self.tasks
+        results = []
+        for index, (height, width) in enumerate(sizes):
+            requested = [
+                t
+                for t, wanted in zip(names, output.task_mask[index].tolist(), strict=True)
+                if wanted
+            ]
+            maps = {
+                task: self._postprocess(task, output.outputs[task][index], height, width)
+                for task in requested
+            }
+            stats = output.stats.image(index)
+            stats["tasks"] = requested
+            results.append(Prediction(maps=maps, stats=stats))
+        return results
+
+    def _postprocess(self, task: str, output: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """Resize one (C, S, S) model output to (height, width) and convert it to numpy."""
+        size = (height, width)
+        if task == "saliency":
+            probability = torch.sigmoid(output)[None]
+            probability = F.interpolate(
+                probability, size=size, mode="bilinear", align_corners=False
+            )
+            return probability[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
+        if task == "normals":
+            normals = F.interpolate(output[None], size=size, mode="bilinear", align_corners=False)
+            normals = F.normalize(normals, dim=1, eps=1e-6)[0]
+            return normals.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        labels = output.argmax(0)[None, None].float()
+        labels = F.interpolate(labels, size=size, mode="nearest")
+        return labels[0, 0].to(torch.uint8).cpu().numpy()
+
+
+def _image_size(image: ImageInput) -> tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def _as_rgb_array(image: ImageInput) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if (
+        not isinstance(image, np.ndarray)
+        or image.dtype != np.uint8
+        or image.ndim != 3
+        or image.shape[2] != 3
+    ):
+        described = (
+            f"{image.dtype} {image.shape}"
+            if isinstance(image, np.ndarray)
+            else type(image).__name__
+        )
+        raise ValueError(f"expected an RGB PIL image or a uint8 (H, W, 3) array, got {described}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image has no pixels: shape {image.shape}")
+    return np.ascontiguousarray(image)

@@ -1,0 +1,215 @@
+"""Token skipping inside Swin windows, as pure functions over timm's `SwinTransformerBlock`.
+
+Two execution paths share one semantics: a skipped token passes through the block unchanged
+and is not used as a key or value by the kept tokens of its window.
+
+- `run_block_packed` (inference) gathers the kept tokens of the whole batch into one
+  `(K, C)` matrix, so norms, qkv, projection and MLP cost scales with K. Window attention
+  runs only over windows that hold at least one kept token, with empty slots masked.
+- `run_block_masked` (training) computes every token densely and multiplies both residual
+  updates by the keep mask, so gradients reach the policy through a straight-through gate.
+
+Layouts: block inputs and outputs are NHWC `(B, H, W, C)`; keep masks are `(B, H, W)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+
+__all__ = [
+    "PackedBlockStats",
+    "WindowLayout",
+    "run_block_masked",
+    "run_block_packed",
+    "window_layout",
+]
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Window and slot of every spatial position after the block's cyclic shift.
+
+    Attributes:
+        window_of_position: (H * W,) window index in timm's `window_partition` order.
+        slot_of_position: (H * W,) row-major position inside that window.
+        num_windows: windows per image.
+        window_area: tokens per window.
+    """
+
+    window_of_position: torch.Tensor
+    slot_of_position: torch.Tensor
+    num_windows: int
+    window_area: int
+
+
+@functools.lru_cache(maxsize=64)
+def window_layout(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> WindowLayout:
+    """Build the cached position -> (window, slot) table for one block geometry."""
+    win_h, win_w = window
+    if height % win_h or width % win_w:
+        raise ValueError(
+            f"feature map {height}x{width} is not a multiple of window {win_h}x{win_w}; "
+            "choose an input size whose stage resolutions divide by the window size"
+        )
+    rows = torch.arange(height, device=device).view(-1, 1).expand(height, width)
+    cols = torch.arange(width, device=device).view(1, -1).expand(height, width)
+    # timm rolls by -shift, so the token at (r, c) lands at ((r - shift) mod H, (c - shift) mod W).
+    rows = (rows - shift[0]) % height
+    cols = (cols - shift[1]) % width
+    window = (rows // win_h) * (width // win_w) + cols // win_w
+    slot = (rows % win_h) * win_w + cols % win_w
+    return WindowLayout(
+        window_of_position=window.reshape(-1).contiguous(),
+        slot_of_position=slot.reshape(-1).contiguous(),
+        num_windows=(height // win_h) * (width // win_w),
+        window_area=win_h * win_w,
+    )
+
+
+@dataclass
+class PackedBlockStats:
+    """Work done by one packed block, per image.
+
+    Attributes:
+        kept_tokens: (B,) tokens computed.
+        attended_windows: (B,) windows that held at least one kept token.
+    """
+
+    kept_tokens: torch.Tensor
+    attended_windows: torch.Tensor
+
+
+def _shift_mask(block: SwinTransformerBlock) -> torch.Tensor | None:
+    # timm stores the (num_windows, A, A) shift mask as a buffer, or builds it per call.
+    if not any(block.shift_size):
+        return None
+    if getattr(block, "dynamic_mask", False) or block.attn_mask is None:
+        return block.get_attn_mask(device=block.norm1.weight.device, dtype=block.norm1.weight.dtype)
+    return block.attn_mask
+
+
+def run_block_packed(
+    block: SwinTransformerBlock, x: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, PackedBlockStats]:
+    """Run `block` on the kept tokens only; skipped tokens are copied through unchanged.
+
+    Args:
+        block: a timm Swin block in eval mode (dropout and drop-path are not applied).
+        x: (B, H, W, C) block input.
+        keep: (B, H, W) bool, True where the token is computed. A sample whose block is
+            skipped keeps no token.
+
+    Returns:
+        The (B, H, W, C) block output and the per-image work done.
+    """
+    batch, height, width, channels = x.shape
+    attn = block.attn
+    layout = window_layout(
+        height, width, tuple(block.window_size), tuple(block.shift_size), x.device
+    )
+    num_windows, area = layout.num_windows, layout.window_area
+
+    flat = x.reshape(batch * height * width, channels)  # (B*H*W, C)
+    keep_index = keep.reshape(-1).nonzero().squeeze(1)  # (K,)
+    kept_per_image = keep.reshape(batch, -1).sum(1)
+    if keep_index.numel() == 0:
+        zeros = torch.zeros(batch, dtype=torch.long, device=x.device)
+        return x, PackedBlockStats(kept_tokens=kept_per_image, attended_windows=zeros)
+
+    sample = keep_index // (height * width)  # (K,)
+    position = keep_index % (height * width)  # (K,)
+    global_window = sample * num_windows + layout.window_of_position[position]  # (K,)
+    slot = layout.slot_of_position[position]  # (K,)
+
+    # Compact the occupied windows without sorting: a cumulative sum numbers them in order.
+    occupied = torch.zeros(batch * num_windows, dtype=torch.long, device=x.device)
+    occupied[global_window] = 1
+    compact = occupied.cumsum(0) - 1  # (B*nW,)
+    window_row = compact[global_window]  # (K,)
+    occupied_ids = occupied.nonzero().squeeze(1)  # (U,)
+    num_occupied = occupied_ids.numel()
+
+    kept = flat.index_select(0, keep_index)  # (K, C)
+    qkv = attn.qkv(block.norm1(kept))  # (K, 3C)
+    dense_qkv = qkv.new_zeros(num_occupied, area, qkv.shape[1])  # (U, A, 3C)
+    dense_qkv[window_row, slot] = qkv
+    key_valid = torch.zeros(num_occupied, area, dtype=torch.bool, device=x.device)
+    key_valid[window_row, slot] = True
+
+    q, k, v = dense_qkv.view(num_occupied, area, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    bias = attn._get_rel_pos_bias()  # (1, heads, A, A)
+    shift_mask = _shift_mask(block)
+    if shift_mask is not None:
+        local_window = occupied_ids % num_windows  # (U,)
+        bias = bias + shift_mask.index_select(0, local_window).unsqueeze(1)  # (U, heads, A, A)
+    bias = bias.expand(num_occupied, -1, -1, -1)
+    bias = bias.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (U, heads, A, hd)
+    attended = attended.transpose(1, 2).reshape(num_occupied, area, -1)  # (U, A, C)
+    attended = attn.proj(attended[window_row, slot])  # (K, C)
+
+    kept = kept + attended
+    kept = kept + block.mlp(block.norm2(kept))
+    out = flat.index_copy(0, keep_index, kept).view(batch, height, width, channels)
+    windows_per_image = occupied.view(batch, num_windows).sum(1)
+    return out, PackedBlockStats(kept_tokens=kept_per_image, attended_windows=windows_per_image)
+
+
+def run_block_masked(
+    block: SwinTransformerBlock, x: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Run `block` densely with the semantics of `run_block_packed`, differentiably.
+
+    Args:
+        block: a timm Swin block.
+        x: (B, H, W, C) block input.
+        mask: (B, H, W) keep mask with values 0 or 1 (straight-through gate output).
+
+    Returns:
+        (B, H, W, C): x plus the residual updates multiplied by the mask.
+    """
+    batch, height, width, channels = x.shape
+    attn = block.attn
+    window = tuple(block.window_size)
+    shift = tuple(block.shift_size)
+    area = window[0] * window[1]
+
+    hidden = block.norm1(x)
+    keys = mask.detach() > 0.5
+    if any(shift):
+        hidden = torch.roll(hidden, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        keys = torch.roll(keys, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = window_partition(hidden, window).view(-1, area, channels)  # (B*nW, A, C)
+    key_valid = window_partition(keys.unsqueeze(-1), window).view(-1, area)  # (B*nW, A)
+    num_windows = windows.shape[0] // batch
+
+    qkv = attn.qkv(windows).view(windows.shape[0], area, 3, attn.num_heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B*nW, heads, A, hd)
+    bias = attn._get_rel_pos_bias()  # (1, heads, A, A)
+    shift_mask = _shift_mask(block)
+    if shift_mask is not None:
+        bias = bias + shift_mask.repeat(batch, 1, 1).unsqueeze(1)  # (B*nW, heads, A, A)
+    # A skipped query still sees itself, so no softmax row is empty; its output is discarded.
+    allowed = key_valid[:, None, None, :] | torch.eye(area, dtype=torch.bool, device=x.device)
+    bias = bias.expand(windows.shape[0], attn.num_heads, area, area).masked_fill(
+        ~allowed, float("-inf")
+    )
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    attended = attn.proj(attended.transpose(1, 2).reshape(batch * num_windows, area, channels))
+    attended = window_reverse(
+        attended.view(-1, window[0], window[1], channels), window, height, width
+    )
+    if any(shift):
+        attended = torch.roll(attended, shifts=shift, dims=(1, 2))
+
+    gate = mask.unsqueeze(-1).to(x.dtype)  # (B, H, W, 1)
+    x = x + gate * attended
+    x = x + gate * block.mlp(block.norm2(x))
+    return x
