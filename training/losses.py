@@ -1,0 +1,244 @@
+"""Task losses, their weighted sum, and the AdaMTL efficiency loss.
+
+Task losses and weights follow the MTI-Net code for PASCAL-Context (Vandenhende et al.,
+Multi-Task-Learning-PyTorch), which AdaMTL trains with: semseg 1, human parts 2, saliency 5,
+normals 10. Model outputs are a dict task -> tensor at the input resolution S:
+
+    "saliency":    logits (B, 1, S, S)
+    "human_parts": logits (B, 7, S, S)
+    "semseg":      logits (B, C, S, S)
+    "normals":     (B, 3, S, S), unit vectors (normalised here again)
+
+Targets are the collated tensor samples of `training.datasets.common`. Every task loss
+averages over its valid (not IGNORE_INDEX) pixels and is 0, with a gradient of zeros, when a
+batch has none, as for human parts in a batch without people.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model_core.presets import IGNORE_INDEX, TASKS
+
+# Loss weight per task in the MTI-Net PASCAL-Context configuration.
+DEFAULT_TASK_WEIGHTS: dict[str, float] = {
+    "saliency": 5.0,
+    "human_parts": 2.0,
+    "semseg": 1.0,
+    "normals": 10.0,
+}
+
+__all__ = [
+    "DEFAULT_TASK_WEIGHTS",
+    "MultiTaskLoss",
+    "balanced_bce_loss",
+    "cross_entropy_loss",
+    "efficiency_loss",
+    "normals_l1_loss",
+]
+
+
+def _check_spatial(task: str, output: Tensor, target: Tensor) -> None:
+    if output.shape[0] != target.shape[0] or output.shape[-2:] != target.shape[-2:]:
+        raise ValueError(
+            f"{task} output {tuple(output.shape)} does not match target {tuple(target.shape)}: "
+            "outputs must be at the input resolution"
+        )
+
+
+def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy averaged over pixels whose target is not IGNORE_INDEX.
+
+    Args:
+        logits: (B, C, H, W).
+        target: (B, H, W) int64 class indices or IGNORE_INDEX.
+
+    Returns:
+        Scalar; 0 if every pixel is ignored.
+    """
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    num_valid = (target != IGNORE_INDEX).sum()
+    return total / num_valid.clamp(min=1)
+
+
+def balanced_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Class-balanced binary cross-entropy of the MTI-Net saliency loss.
+
+    With w = (negative pixels) / (valid pixels) over the whole batch, positive pixels weigh w
+    and negative pixels 1 - w, and the weighted sum is divided by the number of valid pixels.
+    Without ignored pixels this equals the reference, which divides by all pixels.
+
+    Args:
+        logits: (B, 1, H, W).
+        target: (B, 1, H, W) float; >= 0.5 is salient, IGNORE_INDEX is ignored.
+
+    Returns:
+        Scalar; 0 if every pixel is ignored.
+    """
+    valid = target != IGNORE_INDEX
+    positive = (target >= 0.5) & valid
+    num_valid = valid.sum()
+    num_negative = num_valid - positive.sum()
+    pos_weight = num_negative.float() / num_valid.clamp(min=1).float()
+
+    per_pixel = F.binary_cross_entropy_with_logits(
+        logits, positive.to(logits.dtype), reduction="none"
+    )
+    weights = torch.where(positive, pos_weight, 1.0 - pos_weight) * valid
+    return (weights * per_pixel).sum() / num_valid.clamp(min=1)
+
+
+def normals_l1_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """L1 distance between L2-normalised predicted normals and the target normals.
+
+    Normalisation of the mean: the sum of absolute differences over valid pixels is divided by
+    the number of valid elements, three per valid pixel, as in the MTI-Net code that AdaMTL
+    uses (ATRC and InvPT divide by valid pixels, which gives three times this value). A pixel
+    is valid iff none of its target channels is IGNORE_INDEX.
+
+    Args:
+        prediction: (B, 3, H, W), any length; normalised here with a floor of 1e-12.
+        target: (B, 3, H, W) unit vectors or IGNORE_INDEX.
+
+    Returns:
+        Scalar; 0 if every pixel is ignored.
+    """
+    prediction = F.normalize(prediction, p=2, dim=1, eps=1e-12)
+    valid = (target != IGNORE_INDEX).all(dim=1, keepdim=True)  # (B, 1, H, W)
+    # Ignored targets are 255, so mask before subtracting to keep every term finite.
+    difference = (prediction - torch.where(valid, target, 0.0)).abs() * valid
+    num_elements = valid.sum() * prediction.shape[1]
+    return difference.sum() / num_elements.clamp(min=1)
+
+
+_TASK_LOSSES = {
+    "saliency": balanced_bce_loss,
+    "human_parts": cross_entropy_loss,
+    "semseg": cross_entropy_loss,
+    "normals": normals_l1_loss,
+}
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of the task losses.
+
+    Args:
+        tasks: Task names, a subset of TASKS.
+        weights: Weight per task; DEFAULT_TASK_WEIGHTS where None. A dict must have a weight
+            for every task in `tasks`.
+    """
+
+    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(
+                f"invalid tasks {list(tasks)}: choose a non-empty subset of {list(TASKS)}"
+            )
+        weights = DEFAULT_TASK_WEIGHTS if weights is None else dict(weights)
+        missing = [t for t in tasks if t not in weights]
+        if missing:
+            raise ValueError(f"no loss weight for tasks {missing}; weights given: {dict(weights)}")
+        self.tasks = tuple(tasks)
+        self.weights = {t: float(weights[t]) for t in self.tasks}
+
+    def forward(
+        self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Compute the weighted total and the unweighted loss of each task.
+
+        Args:
+            outputs: Model outputs per task (see the module docstring).
+            batch: Collated tensor samples with one target per task.
+
+        Returns:
+            (total, losses): total = sum of weights[t] * losses[t], a scalar with gradient;
+            losses maps each task to its unweighted scalar loss.
+        """
+        losses: dict[str, Tensor] = {}
+        for task in self.tasks:
+            if task not in outputs or task not in batch:
+                raise KeyError(
+                    f"task {task!r} missing from the model outputs {sorted(outputs)} "
+                    f"or the batch {sorted(batch)}"
+                )
+            output, target = outputs[task], batch[task]
+            _check_spatial(task, output, target)
+            losses[task] = _TASK_LOSSES[task](output, target)
+        total = sum(self.weights[t] * losses[t] for t in self.tasks)
+        return total, losses
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}"
+
+
+def efficiency_loss(
+    block_keep: Tensor,
+    token_ratio: Tensor,
+    block_widths: Sequence[int] | Tensor,
+    block_target: float | Tensor,
+    token_target: float | Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """AdaMTL's compute-budget loss, L_eff = L_blocks + L_tokens.
+
+    L_blocks is the squared difference between the fraction of executed blocks and
+    `block_target`, averaged over the batch. L_tokens is the squared difference between
+    w_k * token_ratio[:, k] and w_k * token_target, averaged over blocks and the batch, with
+    w_k = block_widths[k] / min(block_widths). The AdaMTL paper weighs each block by its
+    stage's embedding width, so that the fewer but wider tokens of deep stages, which cost
+    more, count more. Dividing by the smallest width (the first stage's) keeps w_k at 1, 2, 4
+    and 8 for Swin, so the loss stays of order 1 whatever the embedding width.
+
+    Args:
+        block_keep: (B, K) execution mask in [0, 1], 1 = block executed; straight-through
+            values during training, so gradients reach the block policy.
+        token_ratio: (B, K) fraction of tokens each block kept. The caller decides what a
+            skipped block reports (0 counts its tokens as saved).
+        block_widths: (K,) embedding width of each block's stage.
+        block_target: Target fraction of executed blocks in [0, 1]; a float or (B,).
+        token_target: Target fraction of kept tokens in [0, 1]; a float or (B,).
+
+    Returns:
+        (loss, {"blocks": L_blocks, "tokens": L_tokens}), all scalars.
+    """
+    if block_keep.ndim != 2 or token_ratio.shape != block_keep.shape:
+        raise ValueError(
+            f"block_keep {tuple(block_keep.shape)} and token_ratio {tuple(token_ratio.shape)} "
+            "must both be (batch, blocks)"
+        )
+    batch_size, num_blocks = block_keep.shape
+    widths = torch.as_tensor(block_widths, dtype=block_keep.dtype, device=block_keep.device)
+    if widths.shape != (num_blocks,) or bool((widths <= 0).any()):
+        raise ValueError(
+            f"block_widths {widths.tolist()} must hold one positive width per block "
+            f"({num_blocks} blocks)"
+        )
+    block_target = _per_sample_target(block_target, "block_target", batch_size, block_keep)
+    token_target = _per_sample_target(token_target, "token_target", batch_size, block_keep)
+
+    blocks = F.mse_loss(block_keep.mean(dim=1), block_target)
+
+    weights = (widths / widths.min()).unsqueeze(0)  # (1, K)
+    tokens = F.mse_loss(
+        weights * token_ratio, weights * token_target.unsqueeze(1).expand_as(token_ratio)
+    )
+    return blocks + tokens, {"blocks": blocks, "tokens": tokens}
+
+
+def _per_sample_target(value: float | Tensor, name: str, batch_size: int, like: Tensor) -> Tensor:
+    """Broadcast a float or (B,) target to a (B,) tensor and check that it is in [0, 1]."""
+    target = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if target.ndim == 0:
+        target = target.expand(batch_size)
+    if target.shape != (batch_size,):
+        raise ValueError(
+            f"{name} must be a float or a ({batch_size},) tensor, got {tuple(target.shape)}"
+        )
+    if bool(((target < 0) | (target > 1)).any()):
+        raise ValueError(f"{name} {target.tolist()} out of range: targets must be in [0, 1]")
+    return target
