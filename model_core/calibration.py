@@ -110,12 +110,12 @@ def calibrate(
             else:
                 hi = middle
         offsets.append(float(best))
-        achieved.append(ratio(best))
+        achieved.append(float(ratio(best)))
         logger.info(
             "calibrated budget %.3f: offset %.4f, mean FLOPs ratio %.4f", budget, best, ratio(best)
         )
     # Keep offsets non-decreasing in the budget so interpolation never inverts the order.
-    offsets = list(np.maximum.accumulate(np.asarray(offsets)))
+    offsets = [float(o) for o in np.maximum.accumulate(np.asarray(offsets))]
     table = {"budgets": [float(b) for b in grid], "offsets": offsets, "achieved": achieved}
     model.calibration = table
     model.train(was_training)

@@ -196,7 +196,7 @@ def _image_size(image: ImageInput) -> tuple[int, int]:
 
 def _as_rgb_array(image: ImageInput) -> np.ndarray:
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if (
         not isinstance(image, np.ndarray)
         or image.dtype != np.uint8

@@ -1,0 +1,222 @@
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.models.swin_transformer import SwinTransformer
+
+from model_core.calibration import calibrate, mean_flops_ratio
+from model_core.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from model_core.encoder import BackboneWeightsError, load_backbone_weights
+from model_core.model import AdaMTL
+from model_core.predictor import InvalidRequestError, Predictor
+from model_core.presets import TASKS, get_preset
+from tests.model_core.conftest import make_images, make_model
+
+
+def test_checkpoint_round_trip(tmp_path, calibrated_model):
+    path = save_checkpoint(
+        calibrated_model, tmp_path / "model.safetensors", provenance={"seed": 3}, metrics={"x": 1.5}
+    )
+    model, metadata = load_checkpoint(path)
+    assert metadata["provenance"] == {"seed": 3}
+    assert metadata["metrics"] == {"x": 1.5}
+    assert metadata["config"]["name"] == "tiny"
+    assert model.calibration == calibrated_model.calibration
+    assert not model.training
+    images = make_images(2)
+    with torch.no_grad():
+        expected = calibrated_model(images, 0.5)
+        actual = model(images, 0.5)
+    for task in TASKS:
+        assert torch.equal(actual.outputs[task], expected.outputs[task])
+    assert torch.equal(actual.stats.flops, expected.stats.flops)
+
+
+def test_missing_checkpoint_names_path(tmp_path):
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(CheckpointError, match=f"checkpoint not found: {re.escape(str(path))}"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = save_checkpoint(make_model(), tmp_path / "model.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_garbage_file_is_reported(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x00\x01not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_without_metadata_is_reported(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="has no 'adamtl' metadata"):
+        load_checkpoint(path)
+
+
+def test_mismatched_tensors_are_reported(tmp_path):
+    model = make_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state.pop("heads.semseg.decoder.1.weight")
+    state["extra.weight"] = torch.zeros(1)
+    metadata = json.loads(json.dumps({"format": "adamtl/1", "config": model.config.to_dict()}))
+    path = tmp_path / "mismatch.safetensors"
+    save_file(state, str(path), metadata={"adamtl": json.dumps(metadata)})
+    with pytest.raises(CheckpointError, match="missing tensors .*heads.semseg.decoder.1.weight"):
+        load_checkpoint(path)
+
+
+def test_wrong_shapes_are_reported(tmp_path):
+    small = make_model()
+    path = save_checkpoint(small, tmp_path / "model.safetensors")
+    metadata = read_metadata(path)
+    metadata["config"]["decoder_width"] = 24
+    state = {k: v.contiguous() for k, v in small.state_dict().items()}
+    save_file(state, str(path), metadata={"adamtl": json.dumps(metadata)})
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_checkpoint(path)
+
+
+def test_invalid_configuration_is_reported(tmp_path):
+    path = save_checkpoint(make_model(), tmp_path / "model.safetensors")
+    metadata = read_metadata(path)
+    metadata["config"]["tasks"] = ["depth"]
+    state = {k: v.contiguous() for k, v in make_model().state_dict().items()}
+    save_file(state, str(path), metadata={"adamtl": json.dumps(metadata)})
+    with pytest.raises(CheckpointError, match="invalid model configuration.*invalid tasks"):
+        load_checkpoint(path)
+
+
+def test_calibration_matches_budget_on_its_images():
+    model = make_model(seed=4)
+    images = make_images(8, seed=8)
+    table = calibrate(model, images, budgets=[0.4, 0.6, 0.8])
+    assert table["budgets"] == [0.4, 0.6, 0.8]
+    for budget in (0.4, 0.6, 0.8):
+        assert mean_flops_ratio(model, images, budget) == pytest.approx(budget, abs=0.03)
+
+
+def test_calibration_works_for_untrained_default_policy():
+    torch.manual_seed(0)
+    model = AdaMTL(get_preset("tiny")).eval()
+    images = make_images(4, seed=2)
+    calibrate(model, images, budgets=[0.5])
+    assert mean_flops_ratio(model, images, 0.5) == pytest.approx(0.5, abs=0.03)
+
+
+def _timm_swin(seed: int) -> SwinTransformer:
+    torch.manual_seed(seed)
+    config = get_preset("tiny")
+    return SwinTransformer(
+        img_size=config.img_size, patch_size=4, embed_dim=config.embed_dim, depths=config.depths,
+        num_heads=config.num_heads, window_size=config.window_size, num_classes=10,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_backbone_weights_load_from_timm_layout(tmp_path, suffix):
+    source = _timm_swin(seed=5)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / f"swin{suffix}"
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    model = make_model()
+    load_backbone_weights(model.encoder, path)
+    for name, value in source.state_dict().items():
+        if not name.startswith("head"):
+            assert torch.equal(model.encoder.state_dict()[name], value), name
+
+
+def test_backbone_weights_load_from_original_swin_layout(tmp_path):
+    source = _timm_swin(seed=6)
+    # The original Swin release puts patch merging at the end of the previous stage.
+    original = {}
+    for name, value in source.state_dict().items():
+        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", name)
+        if match:
+            name = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
+        original[name.replace("head.fc.", "head.")] = value
+    path = tmp_path / "swin_original.pth"
+    torch.save({"model": original}, path)
+    model = make_model()
+    load_backbone_weights(model.encoder, path)
+    expected = source.state_dict()["layers.2.downsample.reduction.weight"]
+    assert torch.equal(model.encoder.state_dict()["layers.2.downsample.reduction.weight"], expected)
+
+
+def test_backbone_weights_mismatch_names_keys(tmp_path):
+    state = {k: v for k, v in _timm_swin(seed=1).state_dict().items()}
+    state.pop("layers.0.blocks.0.attn.qkv.weight")
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(
+        BackboneWeightsError, match=r"missing keys \['layers.0.blocks.0.attn.qkv.weight'\]"
+    ):
+        load_backbone_weights(make_model().encoder, path)
+
+
+def test_backbone_weights_missing_file(tmp_path):
+    with pytest.raises(BackboneWeightsError, match="not found"):
+        load_backbone_weights(make_model().encoder, tmp_path / "none.pth")
+
+
+def test_predictor_returns_maps_at_original_size(calibrated_model):
+    predictor = Predictor(calibrated_model)
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (50, 90, 3), dtype=np.uint8)),
+        rng.integers(0, 255, (120, 33, 3), dtype=np.uint8),
+    ]
+    results = predictor.predict(images, [0.5, 1.0], [["semseg", "normals"], list(TASKS)])
+    assert set(results[0].maps) == {"semseg", "normals"}
+    assert results[0].maps["semseg"].shape == (50, 90)
+    assert results[0].maps["normals"].shape == (50, 90, 3)
+    assert results[1].maps["saliency"].shape == (120, 33)
+    assert results[1].maps["human_parts"].dtype == np.uint8
+    assert results[1].maps["semseg"].max() < len(predictor.classes["semseg"])
+    norms = np.linalg.norm(results[1].maps["normals"], axis=-1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-4)
+    assert results[1].stats["flops_ratio"] == 1.0
+    assert results[0].stats["flops_ratio"] < 1.0
+    assert results[0].stats["tasks"] == ["semseg", "normals"]
+
+
+def test_predictor_batch_equals_single_requests(calibrated_model):
+    predictor = Predictor(calibrated_model)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (64 + 8 * i, 70, 3), dtype=np.uint8) for i in range(3)]
+    budgets = [0.4, 0.8, 1.0]
+    batched = predictor.predict(images, budgets)
+    for image, budget, result in zip(images, budgets, batched, strict=True):
+        single = predictor.predict([image], budget)[0]
+        assert single.stats["flops"] == pytest.approx(result.stats["flops"])
+        np.testing.assert_array_equal(single.maps["semseg"], result.maps["semseg"])
+        np.testing.assert_allclose(single.maps["saliency"], result.maps["saliency"], atol=1e-4)
+
+
+def test_predictor_validate_rejects_bad_requests(calibrated_model):
+    predictor = Predictor(calibrated_model)
+    with pytest.raises(InvalidRequestError, match="invalid budget 0.1"):
+        predictor.validate(0.1, None)
+    with pytest.raises(InvalidRequestError, match="unknown task 'edges'"):
+        predictor.validate(0.5, ["edges"])
+    predictor.validate(0.5, ["semseg"])
+
+
+def test_predictor_rejects_non_rgb_arrays(calibrated_model):
+    predictor = Predictor(calibrated_model)
+    with pytest.raises(ValueError, match="expected an RGB PIL image or a uint8"):
+        predictor.predict([np.zeros((10, 10), dtype=np.uint8)])

@@ -1,0 +1,101 @@
+import pytest
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+
+from model_core.skipping import run_block_masked, run_block_packed, window_layout
+
+
+def make_block(shift: int, seed: int = 0) -> SwinTransformerBlock:
+    torch.manual_seed(seed)
+    block = SwinTransformerBlock(
+        dim=16, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=shift
+    )
+    return block.eval()
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_all_kept_equals_timm_block(shift):
+    block = make_block(shift)
+    x = torch.randn(3, 8, 8, 16)
+    keep = torch.ones(3, 8, 8, dtype=torch.bool)
+    with torch.no_grad():
+        packed, stats = run_block_packed(block, x, keep)
+        reference = block(x)
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=1e-5)
+    assert stats.kept_tokens.tolist() == [64, 64, 64]
+    assert stats.attended_windows.tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_skipped_tokens_pass_through_unchanged(shift):
+    block = make_block(shift)
+    x = torch.randn(2, 8, 8, 16)
+    keep = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.5
+    with torch.no_grad():
+        out, _ = run_block_packed(block, x, keep)
+    assert torch.equal(out[~keep], x[~keep])
+    assert not torch.allclose(out[keep], x[keep])
+
+
+def test_skipped_block_leaves_sample_unchanged():
+    block = make_block(2)
+    x = torch.randn(2, 8, 8, 16)
+    keep = torch.ones(2, 8, 8, dtype=torch.bool)
+    keep[1] = False
+    with torch.no_grad():
+        out, stats = run_block_packed(block, x, keep)
+        alone = block(x[:1])
+    assert torch.equal(out[1], x[1])
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
+    assert stats.kept_tokens.tolist() == [64, 0]
+    assert stats.attended_windows.tolist() == [4, 0]
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_skipped_tokens_are_not_keys_or_values(shift):
+    block = make_block(shift)
+    x = torch.randn(1, 8, 8, 16)
+    keep = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(5)) < 0.6
+    perturbed = x.clone()
+    perturbed[~keep] = torch.randn(int((~keep).sum()), 16) * 10
+    with torch.no_grad():
+        out, _ = run_block_packed(block, x, keep)
+        out_perturbed, _ = run_block_packed(block, perturbed, keep)
+    torch.testing.assert_close(out[keep], out_perturbed[keep], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_masked_path_matches_packed_path(shift):
+    block = make_block(shift)
+    x = torch.randn(2, 8, 8, 16)
+    keep = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(11)) < 0.4
+    keep[1] = False
+    with torch.no_grad():
+        packed, _ = run_block_packed(block, x, keep)
+        masked = run_block_masked(block, x, keep.float())
+    torch.testing.assert_close(masked, packed, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_path_passes_gradient_to_mask():
+    block = make_block(2)
+    x = torch.randn(1, 8, 8, 16)
+    mask = torch.ones(1, 8, 8, requires_grad=True)
+    run_block_masked(block, x, mask).square().sum().backward()
+    assert mask.grad is not None
+    assert mask.grad.abs().sum() > 0
+
+
+def test_window_layout_matches_timm_partition():
+    layout = window_layout(8, 8, (4, 4), (2, 2), torch.device("cpu"))
+    positions = torch.arange(64, dtype=torch.float32).view(1, 8, 8, 1)
+    shifted = torch.roll(positions, shifts=(-2, -2), dims=(1, 2))
+    windows = shifted.view(1, 2, 4, 2, 4, 1).permute(0, 1, 3, 2, 4, 5).reshape(4, 16)
+    for position in range(64):
+        window = int(layout.window_of_position[position])
+        slot = int(layout.slot_of_position[position])
+        assert windows[window, slot] == position
+
+
+def test_window_layout_rejects_indivisible_size():
+    with pytest.raises(ValueError, match="not a multiple of window"):
+        window_layout(10, 8, (4, 4), (0, 0), torch.device("cpu"))
