@@ -266,7 +266,7 @@ class NormalsMeter:
     """Angular error statistics of predicted normals over every valid pixel.
 
     The median is read from a histogram with bins of NORMALS_MEDIAN_BIN degrees, so it is exact
-    to within that width and memory stays constant over a split.
+    to within half that width, and memory stays constant over a split.
     """
 
     def __init__(self) -> None:
@@ -311,14 +311,15 @@ class NormalsMeter:
         return results
 
     def _median(self) -> float:
-        """Middle of the pooled errors, interpolated linearly inside its histogram bin."""
+        """Median of the pooled errors from the histogram, each order statistic taken as the
+        centre of its bin; an even count averages the two middle ones."""
         cumulative = torch.cumsum(self.histogram, dim=0)
-        half = self.count / 2.0
-        index = int(torch.nonzero(cumulative >= half)[0])
-        below = int(cumulative[index - 1]) if index > 0 else 0
-        in_bin = int(self.histogram[index])
-        fraction = (half - below) / in_bin
-        return (index + fraction) * NORMALS_MEDIAN_BIN
+        lower_rank, upper_rank = (self.count + 1) // 2, self.count // 2 + 1
+        values = []
+        for rank in (lower_rank, upper_rank):
+            index = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+            values.append((index + 0.5) * NORMALS_MEDIAN_BIN)
+        return sum(values) / 2.0
 
 
 # All tasks.

@@ -1,0 +1,222 @@
+"""Task losses, MultiTaskLoss and the efficiency loss against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model_core.presets import IGNORE_INDEX
+from training.losses import (
+    DEFAULT_TASK_WEIGHTS,
+    MultiTaskLoss,
+    balanced_bce_loss,
+    cross_entropy_loss,
+    efficiency_loss,
+    normals_l1_loss,
+)
+
+LN2 = math.log(2.0)
+
+
+def _close(value: torch.Tensor, expected: float) -> None:
+    assert value.shape == ()
+    assert value.item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_cross_entropy_ignores_pixels() -> None:
+    # Pixels: logits (0, 0) target 0 -> ln 2; (ln 3, 0) target 1 -> ln 4; (5, 0) ignored.
+    logits = torch.tensor([[[[0.0, math.log(3.0), 5.0]], [[0.0, 0.0, 0.0]]]])  # (1, 2, 1, 3)
+    target = torch.tensor([[[0, 1, IGNORE_INDEX]]])
+    _close(cross_entropy_loss(logits, target), (LN2 + 2 * LN2) / 2)
+
+
+def test_cross_entropy_all_ignored_is_zero() -> None:
+    logits = torch.randn(2, 7, 4, 4, requires_grad=True)
+    target = torch.full((2, 4, 4), IGNORE_INDEX)
+    loss = cross_entropy_loss(logits, target)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_balanced_bce_zero_logits() -> None:
+    # Three valid pixels (one positive, two negative) and one ignored; every BCE is ln 2.
+    # w = 2/3: (2/3 * ln 2 + 1/3 * 2 ln 2) / 3 = 4/9 ln 2.
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 0.0], [0.0, IGNORE_INDEX]]]])
+    _close(balanced_bce_loss(logits, target), 4.0 / 9.0 * LN2)
+
+
+def test_balanced_bce_weights_classes() -> None:
+    # Positive with logit 2: BCE = ln(1 + e^-2); negatives with logit 1: BCE = ln(1 + e).
+    # One positive and three negatives: w = 3/4.
+    logits = torch.tensor([[[[2.0, 1.0, 1.0, 1.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
+    positive = math.log1p(math.exp(-2.0))
+    negative = math.log1p(math.e)
+    expected = (0.75 * positive + 0.25 * 3 * negative) / 4
+    _close(balanced_bce_loss(logits, target), expected)
+
+
+def test_balanced_bce_all_ignored_is_zero() -> None:
+    logits = torch.randn(1, 1, 3, 3, requires_grad=True)
+    loss = balanced_bce_loss(logits, torch.full((1, 1, 3, 3), float(IGNORE_INDEX)))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_normals_l1_per_element_mean() -> None:
+    # Pixel 0: (2, 0, 0) -> (1, 0, 0) against (0, 1, 0): |1| + |1| + 0 = 2.
+    # Pixel 1: ignored. Pixel 2: (0, 0, 3) -> (0, 0, 1) against (0, 0, 1): 0.
+    # Two valid pixels, six elements: 2 / 6.
+    prediction = torch.tensor([[2.0, 0.0, 0.0], [5.0, 5.0, 5.0], [0.0, 0.0, 3.0]])
+    target = torch.tensor([[0.0, 1.0, 0.0], [IGNORE_INDEX] * 3, [0.0, 0.0, 1.0]])
+    prediction = prediction.T.reshape(1, 3, 1, 3)
+    target = target.T.reshape(1, 3, 1, 3)
+    _close(normals_l1_loss(prediction, target), 2.0 / 6.0)
+
+
+def test_normals_l1_zero_prediction_is_finite() -> None:
+    prediction = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    target = torch.zeros(1, 3, 2, 2)
+    target[:, 2] = 1.0
+    loss = normals_l1_loss(prediction, target)
+    loss.backward()
+    _close(loss, 1.0 / 3.0)
+    assert torch.isfinite(prediction.grad).all()
+
+
+def test_normals_l1_all_ignored_is_zero() -> None:
+    prediction = torch.randn(2, 3, 2, 2)
+    _close(normals_l1_loss(prediction, torch.full((2, 3, 2, 2), float(IGNORE_INDEX))), 0.0)
+
+
+def _batch_and_outputs(size: int = 4) -> tuple[dict, dict]:
+    generator = torch.Generator().manual_seed(0)
+    outputs = {
+        "saliency": torch.randn(2, 1, size, size, generator=generator),
+        "human_parts": torch.randn(2, 7, size, size, generator=generator),
+        "semseg": torch.randn(2, 21, size, size, generator=generator),
+        "normals": torch.randn(2, 3, size, size, generator=generator),
+    }
+    normals = torch.nn.functional.normalize(torch.randn(2, 3, size, size, generator=generator))
+    batch = {
+        "saliency": (torch.rand(2, 1, size, size, generator=generator) > 0.5).float(),
+        "human_parts": torch.full((2, size, size), IGNORE_INDEX),  # no people in the batch
+        "semseg": torch.randint(0, 21, (2, size, size), generator=generator),
+        "normals": normals,
+    }
+    return outputs, batch
+
+
+def test_multitask_loss_weighted_sum() -> None:
+    outputs, batch = _batch_and_outputs()
+    batch["human_parts"][0, 0, :2] = torch.tensor([1, 3])
+    total, losses = MultiTaskLoss(list(DEFAULT_TASK_WEIGHTS))(outputs, batch)
+    expected = {
+        "saliency": balanced_bce_loss(outputs["saliency"], batch["saliency"]),
+        "human_parts": cross_entropy_loss(outputs["human_parts"], batch["human_parts"]),
+        "semseg": cross_entropy_loss(outputs["semseg"], batch["semseg"]),
+        "normals": normals_l1_loss(outputs["normals"], batch["normals"]),
+    }
+    for task, value in expected.items():
+        assert float(losses[task]) == pytest.approx(float(value))
+    weighted = 5 * expected["saliency"] + 2 * expected["human_parts"]
+    weighted = weighted + expected["semseg"] + 10 * expected["normals"]
+    assert total.item() == pytest.approx(float(weighted))
+
+
+def test_multitask_loss_batch_without_people() -> None:
+    outputs, batch = _batch_and_outputs()
+    for value in outputs.values():
+        value.requires_grad_(True)
+    total, losses = MultiTaskLoss(["human_parts", "semseg"])(outputs, batch)
+    total.backward()
+    assert losses["human_parts"].item() == 0.0
+    assert total.item() == pytest.approx(losses["semseg"].item())
+    assert torch.isfinite(outputs["human_parts"].grad).all()
+    assert float(outputs["human_parts"].grad.abs().sum()) == 0.0
+
+
+def test_multitask_loss_custom_weights() -> None:
+    outputs, batch = _batch_and_outputs()
+    total, losses = MultiTaskLoss(["semseg", "normals"], {"semseg": 0.5, "normals": 2.0})(
+        outputs, batch
+    )
+    assert total.item() == pytest.approx(
+        0.5 * losses["semseg"].item() + 2 * losses["normals"].item()
+    )
+    assert set(losses) == {"semseg", "normals"}
+
+
+def test_multitask_loss_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="invalid tasks"):
+        MultiTaskLoss(["depth"])
+    with pytest.raises(ValueError, match="no loss weight"):
+        MultiTaskLoss(["semseg", "normals"], {"semseg": 1.0})
+    outputs, batch = _batch_and_outputs()
+    outputs["semseg"] = outputs["semseg"][..., :2, :2]
+    with pytest.raises(ValueError, match="does not match"):
+        MultiTaskLoss(["semseg"])(outputs, batch)
+
+
+# Efficiency loss. Widths (96, 96, 192, 384) give block weights (1, 1, 2, 4).
+WIDTHS = (96, 96, 192, 384)
+
+
+def test_efficiency_loss_known_masks() -> None:
+    block_keep = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    token_ratio = torch.tensor([[0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    loss, parts = efficiency_loss(block_keep, token_ratio, WIDTHS, 0.5, 0.5)
+    # Blocks: executed fractions 0.5 and 1.0 against 0.5 -> (0 + 0.25) / 2.
+    _close(parts["blocks"], 0.125)
+    # Tokens: w * (r - t) = (0, 0, 1, 2) and (0.5, 0.5, 1, 2); squares sum 5 and 5.5 over 8.
+    _close(parts["tokens"], 10.5 / 8)
+    _close(loss, 0.125 + 10.5 / 8)
+
+
+def test_efficiency_loss_on_target_is_zero() -> None:
+    block_keep = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    token_ratio = torch.full((1, 4), 0.6)
+    loss, parts = efficiency_loss(block_keep, token_ratio, WIDTHS, 0.5, 0.6)
+    _close(loss, 0.0)
+    _close(parts["blocks"], 0.0)
+
+
+def test_efficiency_loss_per_sample_targets() -> None:
+    block_keep = torch.ones(2, 4)
+    token_ratio = torch.ones(2, 4)
+    loss, parts = efficiency_loss(
+        block_keep, token_ratio, WIDTHS, torch.tensor([1.0, 0.5]), torch.tensor([1.0, 0.5])
+    )
+    _close(parts["blocks"], (0.0 + 0.25) / 2)
+    # Second sample: w * 0.5 = (0.5, 0.5, 1, 2), squares sum 5.5, over 8 entries.
+    _close(parts["tokens"], 5.5 / 8)
+
+
+def test_efficiency_loss_gradient() -> None:
+    block_keep = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    token_ratio = torch.tensor([[0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    loss, _ = efficiency_loss(block_keep, token_ratio, WIDTHS, 0.5, 0.5)
+    loss.backward()
+    # d/dkeep[b, k] = 2 (mean_b - t) / B / K: 0 for sample 0, 2 * 0.5 / 2 / 4 for sample 1.
+    expected_keep = torch.tensor([[0.0] * 4, [0.125] * 4])
+    torch.testing.assert_close(block_keep.grad, expected_keep)
+    # d/dratio[b, k] = 2 w_k^2 (r - t) / (B K): sample 1, block 3: 2 * 16 * 0.5 / 8 = 2.
+    assert float(token_ratio.grad[1, 3]) == pytest.approx(2.0)
+    assert float(token_ratio.grad[0, 0]) == pytest.approx(0.0)
+
+
+def test_efficiency_loss_invalid_arguments() -> None:
+    keep = torch.ones(2, 4)
+    with pytest.raises(ValueError, match="one positive width per block"):
+        efficiency_loss(keep, keep, (96, 192), 0.5, 0.5)
+    with pytest.raises(ValueError, match="must both be"):
+        efficiency_loss(keep, torch.ones(2, 3), WIDTHS, 0.5, 0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        efficiency_loss(keep, keep, WIDTHS, 1.5, 0.5)
+    with pytest.raises(ValueError, match="token_target"):
+        efficiency_loss(keep, keep, WIDTHS, 0.5, torch.tensor([0.5, 0.5, 0.5]))
