@@ -1,0 +1,244 @@
+"""App factory and lifespan: load the checkpoint, warm up, serve, drain on shutdown."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry
+from starlette.concurrency import run_in_threadpool
+
+from service.batching import Batcher
+from service.deps import PredictJob, ServiceState
+from service.errors import error_response, install_error_handlers
+from service.metrics import UNMATCHED_ENDPOINT, ServiceMetrics
+from service.routes import router
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from model_core.predictor import Prediction, Predictor
+
+logger = logging.getLogger("service")
+
+# Endpoints polled by probes and scrapers; their request lines are logged at DEBUG only.
+_QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
+# A client's X-Request-ID is reused only if it is short and plain, since it goes into logs.
+_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says why and what to do."""
+
+
+def load_predictor(checkpoint: Path) -> Predictor:
+    """Load the checkpoint at `checkpoint` into a CPU predictor.
+
+    Raises:
+        StartupError: The file is missing or is not a valid AdaMTL checkpoint.
+    """
+    if not checkpoint.is_file():
+        raise StartupError(
+            f"checkpoint not found: {checkpoint} (resolved to {checkpoint.resolve()}). "
+            "Train the demo model to create it, or pass --checkpoint PATH "
+            "(or set ADAMTL_CHECKPOINT) to an existing .safetensors checkpoint."
+        )
+    from model_core.checkpoint import CheckpointError
+    from model_core.predictor import Predictor
+
+    try:
+        return Predictor.from_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise StartupError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
+
+
+def describe_model(predictor: Predictor, checkpoint: Path) -> dict[str, Any]:
+    """Collect the model facts served at /v1/model and logged at start-up."""
+    metadata = predictor.metadata or {}
+    config = metadata.get("config") or {}
+    tasks = list(predictor.tasks)
+    return {
+        "name": str(metadata.get("name") or checkpoint.stem),
+        "version": str(metadata.get("version") or "unversioned"),
+        "preset": str(config.get("name", "unknown")),
+        "tasks": tasks,
+        "classes": {task: list(names) for task, names in predictor.classes.items()},
+        "input_size": int(predictor.input_size),
+        "static_flops": float(predictor.static_flops(tasks)),
+        "static_flops_per_task": {task: float(predictor.static_flops([task])) for task in tasks},
+        "budget_range": tuple(float(b) for b in predictor.budget_range),
+        "provenance": dict(metadata.get("provenance") or {}),
+        "metrics": dict(metadata.get("metrics") or {}),
+    }
+
+
+def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
+    """Run one batch at the largest and the smallest budget, so first requests are not slow."""
+    from PIL import Image
+
+    side = predictor.input_size
+    image = Image.new("RGB", (side, side), (128, 128, 128))
+    low, high = predictor.budget_range
+    budgets = [high, low][: max(1, min(2, max_batch_size))]
+    predictor.predict([image] * len(budgets), budgets, None)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the model, start the batcher and warm up; on shutdown, drain and stop."""
+    state: ServiceState = app.state.service
+    settings = state.settings
+
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+    started = time.perf_counter()
+    predictor = await run_in_threadpool(load_predictor, settings.checkpoint)
+    info = describe_model(predictor, settings.checkpoint)
+    metrics = ServiceMetrics(
+        state.registry,
+        static_flops=info["static_flops"],
+        tasks=info["tasks"],
+        max_batch_size=settings.max_batch_size,
+        model_info={key: info[key] for key in ("name", "version", "preset")},
+    )
+
+    def predict_batch(jobs: list[PredictJob]) -> list[Prediction]:
+        return predictor.predict(
+            [job.image for job in jobs], [job.budget for job in jobs], [job.tasks for job in jobs]
+        )
+
+    batcher: Batcher[PredictJob, Prediction] = Batcher(
+        predict_batch,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0,
+        max_queue_size=settings.max_queue_size,
+        on_batch=metrics.observe_batch,
+        on_queue_depth=metrics.queue_depth.set,
+    )
+    batcher.start()
+    state.predictor, state.batcher, state.metrics, state.model_info = (
+        predictor,
+        batcher,
+        metrics,
+        info,
+    )
+
+    if settings.warmup:
+        await batcher.run_in_worker(lambda: _warm_up(predictor, settings.max_batch_size))
+    state.ready = True
+    logger.info(
+        "serving model %s version %s (preset %s, tasks %s, input %d px, static %.4g MACs per "
+        "image, budgets %.2f to %.2f) from %s; ready after %.1f s",
+        info["name"],
+        info["version"],
+        info["preset"],
+        ",".join(info["tasks"]),
+        info["input_size"],
+        info["static_flops"],
+        *info["budget_range"],
+        settings.checkpoint,
+        time.perf_counter() - started,
+    )
+    logger.info("settings: %s", settings.model_dump_json())
+
+    try:
+        yield
+    finally:
+        state.begin_drain()
+        logger.info("shutting down: finishing %d admitted requests", batcher.queue_depth)
+        await batcher.stop(settings.drain_timeout_s)
+        logger.info("shutdown complete")
+
+
+def _route_path(request: Request) -> str:
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED_ENDPOINT
+
+
+async def _observe_request(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Assign the request id, then count, time and log every request."""
+    incoming_id = request.headers.get("x-request-id", "")
+    if _REQUEST_ID_PATTERN.fullmatch(incoming_id):
+        request.state.request_id = incoming_id
+    else:
+        request.state.request_id = uuid.uuid4().hex
+    request.state.started = time.perf_counter()
+
+    try:
+        response = await call_next(request)
+    except Exception:
+        logger.exception("request %s failed with an unhandled error", request.state.request_id)
+        response = error_response(
+            request, 500, "internal_error", "the server failed to process the request; retry"
+        )
+    duration = time.perf_counter() - request.state.started
+    response.headers["X-Request-ID"] = request.state.request_id
+
+    endpoint = _route_path(request)
+    state: ServiceState = request.app.state.service
+    if state.metrics is not None:
+        state.metrics.observe_request(endpoint, response.status_code, duration)
+    _log_request(request, endpoint, response.status_code, duration)
+    return response
+
+
+def _log_request(request: Request, endpoint: str, status_code: int, duration_s: float) -> None:
+    fields = [
+        f"request_id={request.state.request_id}",
+        f"{request.method} {request.url.path}",
+        f"status={status_code}",
+    ]
+    budget = getattr(request.state, "budget", None)
+    if budget is not None:
+        fields.append(f"budget={budget:.3g}")
+    flops_ratio = getattr(request.state, "flops_ratio", None)
+    if flops_ratio is not None:
+        fields.append(f"flops_ratio={flops_ratio:.3f}")
+    fields.append(f"latency_ms={duration_s * 1000:.1f}")
+    error = getattr(request.state, "error", None)
+    if error is not None:
+        fields.append(f"error={error!r}")
+
+    if status_code >= 500:
+        level = logging.ERROR
+    elif status_code >= 400:
+        level = logging.WARNING
+    elif endpoint in _QUIET_ENDPOINTS:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    logger.log(level, " ".join(fields))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service app; the model loads when the app's lifespan starts."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="AdaMTL inference service",
+        summary="Adaptive multi-task dense prediction under a per-request compute budget.",
+        description=(
+            "Predicts saliency, human parts, semantic segmentation and surface normals for one "
+            "image per request. The `budget` parameter sets the fraction of the static model's "
+            "FLOPs that the policy network may spend. Every error response has the body "
+            "`{code, type, message, request_id}`."
+        ),
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.service = ServiceState(settings=settings, registry=CollectorRegistry())
+    install_error_handlers(app)
+    app.middleware("http")(_observe_request)
+    app.include_router(router)
+    return app

@@ -1,0 +1,362 @@
+"""HTTP endpoints: predict, model metadata, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service import imaging
+from service.batching import BatcherClosedError, QueueFullError, RequestTimeoutError
+from service.deps import RETRY_AFTER_S, PredictJob, ReadyStateDep, StateDep
+from service.errors import ServiceError
+from service.schemas import (
+    Compute,
+    ErrorResponse,
+    HealthStatus,
+    ImageSize,
+    ModelInfo,
+    ModelRef,
+    PredictResponse,
+    TaskOutput,
+    Timing,
+)
+
+if TYPE_CHECKING:
+    from model_core.predictor import Prediction
+
+logger = logging.getLogger("service")
+
+router = APIRouter()
+
+# Room for multipart boundaries and part headers on top of the image itself.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+_IMAGE_MEDIA = {"type": "string", "format": "binary"}
+_PREDICT_REQUEST_BODY = {
+    "required": True,
+    "description": (
+        "The image, either as the multipart file field `image` or as the raw request body "
+        "with an image content type. JPEG, PNG, GIF (first frame), WebP, BMP and TIFF are "
+        "accepted; EXIF orientation is applied."
+    ),
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {"image": {**_IMAGE_MEDIA, "description": "The image file."}},
+            }
+        },
+        "image/jpeg": {"schema": _IMAGE_MEDIA},
+        "image/png": {"schema": _IMAGE_MEDIA},
+        "image/webp": {"schema": _IMAGE_MEDIA},
+        "image/*": {"schema": _IMAGE_MEDIA},
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("The image is corrupt or truncated."),
+    413: _error("The upload exceeds the byte limit, or the image the pixel limit."),
+    415: _error("The content type or the file is not a supported image."),
+    422: _error("Invalid budget or tasks, or no image in the request."),
+    500: _error("Inference failed."),
+    503: _error("The queue is full, or the service is loading or shutting down; see Retry-After."),
+    504: _error("The request was not finished within the request timeout."),
+}
+
+
+def parse_tasks(raw: str | None, available: tuple[str, ...]) -> list[str]:
+    """Split the comma-separated `tasks` parameter; None means every task of the checkpoint.
+
+    Duplicates are dropped and the order follows the checkpoint's task order. Unknown names are
+    left in place so that the predictor's validation reports them.
+    """
+    if raw is None:
+        return list(available)
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if not names:
+        raise ServiceError(
+            422,
+            "invalid_tasks",
+            f"tasks {raw!r} names no task: pass a comma-separated subset of "
+            f"{','.join(available)}, or leave it out for all tasks",
+        )
+    unique = list(dict.fromkeys(names))
+    known = [task for task in available if task in unique]
+    unknown = [task for task in unique if task not in available]
+    return known + unknown
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """Read the request body, raising 413 as soon as it exceeds `limit` bytes."""
+    too_large = ServiceError(
+        413,
+        "payload_too_large",
+        f"the upload exceeds the limit of {limit} bytes: send a smaller or more compressed image",
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
+    """Return the uploaded image file from a multipart field `image` or a raw image body."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    missing = ServiceError(
+        422,
+        "missing_image",
+        "the request has no image: send it as the multipart file field 'image' or as the raw "
+        "body with an image/* content type",
+    )
+
+    if media_type == "multipart/form-data":
+        body = await _read_limited(request, max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+        data = await _image_from_multipart(request, body)
+        if data is None:
+            raise missing
+    elif media_type.startswith("image/") or media_type in ("", "application/octet-stream"):
+        data = await _read_limited(request, max_upload_bytes)
+    else:
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"content type {media_type!r} is not supported: send multipart/form-data with a "
+            "file field 'image', or the raw image with an image/* content type",
+        )
+
+    if not data:
+        raise missing
+    if len(data) > max_upload_bytes:
+        raise ServiceError(
+            413,
+            "payload_too_large",
+            f"the image file has {len(data)} bytes, over the limit of {max_upload_bytes} bytes: "
+            "send a smaller or more compressed image",
+        )
+    return data
+
+
+async def _image_from_multipart(request: Request, body: bytes) -> bytes | None:
+    """Parse an already size-checked multipart body; return the `image` field or None."""
+    replayed = False
+
+    async def replay_body() -> dict[str, Any]:
+        nonlocal replayed
+        if replayed:
+            return {"type": "http.disconnect"}
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form_request = Request(request.scope, receive=replay_body)
+    try:
+        form = await form_request.form(max_files=1, max_fields=16)
+    except Exception as exc:  # noqa: BLE001
+        # Starlette raises its own HTTPException or MultiPartException on malformed bodies.
+        raise ServiceError(
+            400,
+            "invalid_multipart",
+            f"the multipart body could not be parsed ({exc}): send one file field 'image'",
+        ) from exc
+    try:
+        field = form.get("image")
+        if isinstance(field, UploadFile):
+            return await field.read()
+        if isinstance(field, str) and field:
+            raise ServiceError(
+                422,
+                "missing_image",
+                "the field 'image' is text, not a file: upload the image as a file "
+                "(curl -F 'image=@photo.jpg')",
+            )
+        return None
+    finally:
+        await form.close()
+
+
+def _validate_request(state: Any, budget: float, tasks: list[str]) -> None:
+    from model_core.predictor import InvalidRequestError
+
+    if not math.isfinite(budget):
+        low, high = state.predictor.budget_range
+        raise ServiceError(
+            422,
+            "invalid_budget",
+            f"budget {budget} is not a finite number: pass a value in [{low:g}, {high:g}]",
+        )
+    try:
+        state.predictor.validate(budget, tasks)
+    except InvalidRequestError as exc:
+        error_type = "invalid_budget" if "budget" in str(exc).lower() else "invalid_tasks"
+        raise ServiceError(422, error_type, str(exc)) from exc
+
+
+def encode_outputs(prediction: Prediction, classes: dict[str, tuple[str, ...]]) -> dict:
+    """Encode each predicted map as a base64 PNG."""
+    outputs: dict[str, TaskOutput] = {}
+    for task, value in prediction.maps.items():
+        if task == "saliency":
+            outputs[task] = TaskOutput(png=imaging.encode_saliency(value))
+        elif task == "normals":
+            outputs[task] = TaskOutput(png=imaging.encode_normals(value))
+        else:
+            names = list(classes[task])
+            outputs[task] = TaskOutput(png=imaging.encode_labels(value, names), classes=names)
+    return outputs
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    responses=_PREDICT_ERRORS,
+    openapi_extra={"requestBody": _PREDICT_REQUEST_BODY},
+    tags=["inference"],
+)
+async def predict(
+    request: Request,
+    state: ReadyStateDep,
+    budget: Annotated[
+        float,
+        Query(
+            description=(
+                "Fraction of the static model's FLOPs the policy may spend on this image, within "
+                "the checkpoint's budget range (see /v1/model)."
+            )
+        ),
+    ] = 1.0,
+    tasks: Annotated[
+        str | None,
+        Query(
+            description=(
+                "Comma-separated tasks to predict, e.g. `semseg,normals`; all tasks of the "
+                "checkpoint when left out."
+            ),
+            examples=["semseg,normals"],
+        ),
+    ] = None,
+) -> PredictResponse:
+    """Predict the requested dense maps of one image under a compute budget."""
+    settings = state.settings
+    predictor, batcher, metrics = state.predictor, state.batcher, state.metrics
+    assert predictor is not None and batcher is not None and metrics is not None
+
+    task_list = parse_tasks(tasks, tuple(predictor.tasks))
+    _validate_request(state, budget, task_list)
+    request.state.budget = budget
+
+    data = await read_image_bytes(request, settings.max_upload_bytes)
+    try:
+        image = await run_in_threadpool(imaging.decode_image, data, settings.max_image_pixels)
+    except imaging.ImageError as exc:
+        raise ServiceError(exc.status_code, exc.error_type, str(exc)) from exc
+
+    try:
+        prediction, timing = await batcher.submit(
+            PredictJob(image, budget, task_list), settings.request_timeout_s
+        )
+    except (QueueFullError, BatcherClosedError) as exc:
+        raise ServiceError(
+            503,
+            "queue_full" if isinstance(exc, QueueFullError) else "not_ready",
+            f"{exc}: retry after {RETRY_AFTER_S} s, or send the request to another replica",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from exc
+    except RequestTimeoutError as exc:
+        raise ServiceError(
+            504,
+            "timeout",
+            f"{exc}: retry later with a smaller image or budget, or raise ADAMTL_REQUEST_TIMEOUT_S",
+        ) from exc
+    except Exception as exc:
+        logger.exception("inference failed for request %s", request.state.request_id)
+        raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
+
+    outputs = await run_in_threadpool(encode_outputs, prediction, predictor.classes)
+    stats = prediction.stats
+    metrics.observe_image(stats)
+    metrics.queue_wait.observe(timing.queue_s)
+    request.state.flops_ratio = stats["flops_ratio"]
+
+    info = state.model_info
+    return PredictResponse(
+        request_id=request.state.request_id,
+        model=ModelRef(name=info["name"], version=info["version"]),
+        image=ImageSize(width=image.width, height=image.height),
+        budget=budget,
+        tasks=list(stats.get("tasks", task_list)),
+        compute=Compute(
+            flops=stats["flops"],
+            static_flops=stats["static_flops"],
+            flops_ratio=stats["flops_ratio"],
+            tokens_ratio=stats["tokens_ratio"],
+            tokens_ratio_per_stage=list(stats["tokens_ratio_per_stage"]),
+            blocks_executed=stats["blocks_executed"],
+            blocks_total=stats["blocks_total"],
+        ),
+        timing_ms=Timing(
+            queue=timing.queue_s * 1000.0,
+            inference=timing.inference_s * 1000.0,
+            total=(time.perf_counter() - request.state.started) * 1000.0,
+        ),
+        outputs=outputs,
+    )
+
+
+@router.get(
+    "/v1/model",
+    response_model=ModelInfo,
+    responses={503: _error("The model is not loaded yet.")},
+    tags=["model"],
+)
+async def read_model(state: ReadyStateDep) -> ModelInfo:
+    """Describe the served checkpoint: tasks, classes, input size, FLOPs, budget range, training."""
+    return ModelInfo(**state.model_info)
+
+
+@router.get("/healthz", response_model=HealthStatus, tags=["health"])
+async def read_health() -> HealthStatus:
+    """Report that the process is alive (liveness)."""
+    return HealthStatus(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=HealthStatus,
+    responses={503: _error("The model is loading or warming up, or the service is draining.")},
+    tags=["health"],
+)
+async def read_readiness(state: ReadyStateDep) -> HealthStatus:
+    """Report 200 once the model is loaded and warmed up, 503 before that and while draining."""
+    return HealthStatus(status="ready")
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text."}},
+    tags=["health"],
+)
+async def read_metrics(state: StateDep) -> Response:
+    """Expose the service's metrics in the Prometheus text format."""
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,87 @@
+"""Service settings, read from `ADAMTL_`-prefixed environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path("checkpoints/demo.safetensors")
+
+
+class Settings(BaseSettings):
+    """Every tunable of the inference service.
+
+    Each field is read from the environment variable `ADAMTL_<FIELD NAME IN CAPITALS>`, for
+    example `ADAMTL_MAX_BATCH_SIZE=16`. Command-line flags of `python -m service` override them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ADAMTL_", extra="ignore", frozen=True)
+
+    # Model.
+    checkpoint: Path = Field(
+        DEFAULT_CHECKPOINT, description="Path of the .safetensors checkpoint to serve."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="Intra-op threads of torch; unset keeps torch's default."
+    )
+    warmup: bool = Field(True, description="Run one batch through the model before turning ready.")
+
+    # HTTP server.
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the service's log lines."
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds to finish queued requests after SIGTERM."
+    )
+
+    # Micro-batching.
+    max_batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass, at most.")
+    max_batch_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        le=10_000,
+        description="Milliseconds a batch waits to fill after its first image.",
+    )
+    max_queue_size: int = Field(
+        64, ge=1, le=100_000, description="Requests admitted (queued or running) before 503."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds from admission until a request fails with 504."
+    )
+
+    # Input limits.
+    max_upload_bytes: int = Field(
+        20_000_000, ge=1, description="Largest accepted image upload in bytes (20 MB)."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest accepted image area in pixels (40 megapixels)."
+    )
+
+    @model_validator(mode="after")
+    def _check_admission_covers_batch(self) -> Settings:
+        # A queue smaller than a batch could never fill one, so batching would be capped below
+        # max_batch_size without anyone noticing.
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) is smaller than max_batch_size "
+                f"({self.max_batch_size}): set ADAMTL_MAX_QUEUE_SIZE to at least the batch size"
+            )
+        return self
+
+
+def format_settings_error(error: ValidationError) -> str:
+    """Turn a settings validation error into one line per invalid variable."""
+    lines = ["invalid service settings:"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"])
+        if field:
+            name = f"ADAMTL_{field.upper()}"
+            lines.append(f"  {name}={item.get('input')!r}: {item['msg']}")
+        else:
+            lines.append(f"  {item['msg']}")
+    return "\n".join(lines)
