@@ -98,8 +98,8 @@ def normals_l1_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
     Normalisation of the mean: the sum of absolute differences over valid pixels is divided by
     the number of valid elements, three per valid pixel, as in the MTI-Net code that AdaMTL
-    uses (ATRC and InvPT divide by valid pixels, which gives three times this value). A pixel
-    is valid iff none of its target channels is IGNORE_INDEX.
+    uses. ATRC and InvPT divide by valid pixels instead, which gives three times this value.
+    A pixel is valid iff none of its target channels is IGNORE_INDEX.
 
     Args:
         prediction: (B, 3, H, W), any length; normalised here with a floor of 1e-12.
@@ -129,7 +129,7 @@ class MultiTaskLoss(nn.Module):
 
     Args:
         tasks: Task names, a subset of TASKS.
-        weights: Weight per task; DEFAULT_TASK_WEIGHTS where None. A dict must have a weight
+        weights: Weight per task, DEFAULT_TASK_WEIGHTS where None. A dict must have a weight
             for every task in `tasks`.
     """
 
@@ -215,7 +215,7 @@ def efficiency_loss(
     widths = torch.as_tensor(block_widths, dtype=block_keep.dtype, device=block_keep.device)
     if widths.shape != (num_blocks,) or bool((widths <= 0).any()):
         raise ValueError(
-            f"block_widths {widths.tolist()} must hold one positive width per block "
+            f"block_widths {widths.tolist()} must contain one positive width per block "
             f"({num_blocks} blocks)"
         )
     block_target = _per_sample_target(block_target, "block_target", batch_size, block_keep)

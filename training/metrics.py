@@ -10,13 +10,14 @@ reuses, and ATRC's saliency metric):
   only images whose meta["has_people"] is True.
 * saliency: "maxF" in percent, the maximum over thresholds 0.05, 0.10, ..., 0.95 of the
   F-measure with beta^2 = 0.3, with true positives, predicted positives and actual positives
-  pooled over every valid pixel of the split (the ATRC and InvPT variant); a pixel is
-  positive where sigmoid(logit) >= threshold. "mIoU" in percent is the MTI-Net variant: for
+  pooled over every valid pixel of the split, as ATRC computes it. A pixel is positive
+  where sigmoid(logit) >= threshold. "mIoU" in percent is the MTI-Net variant: for
   each threshold in 0.20, 0.25, ..., 0.90 (positive where the probability > threshold) the IoU
   of every image is averaged over images, and the best threshold is kept. An image whose
   ground truth and prediction are both empty has IoU 1. "maxF_image_mean" is the MTI-Net
-  F-measure that the AdaMTL paper reports as maxF: beta^2 = 1, from image-averaged precision
-  and recall on the same 15 thresholds.
+  F-measure that the AdaMTL reference code reports under the key maxF: beta^2 = 1, from
+  image-averaged precision and recall on the same 15 thresholds. Compare with the saliency
+  maxF figures of the AdaMTL paper through this key, not through "maxF".
 * normals: angular error in degrees between the L2-normalised prediction and target, pooled
   over every valid pixel of the split: "mean", "median", "rmse", and the percentage of pixels
   within 11.25, 22.5 and 30 degrees.
@@ -144,7 +145,8 @@ def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int) -> Te
 
 
 def iou_from_confusion(confusion: Tensor) -> Tensor:
-    """IoU per class, TP / max(TP + FP + FN, 1e-8); 0 for a class absent from both maps."""
+    """Compute the IoU per class, TP / max(TP + FP + FN, 1e-8), which is 0 for a class absent
+    from both maps."""
     confusion = confusion.double()
     true_positive = confusion.diagonal()
     union = confusion.sum(dim=0) + confusion.sum(dim=1) - true_positive
@@ -311,8 +313,11 @@ class NormalsMeter:
         return results
 
     def _median(self) -> float:
-        """Median of the pooled errors from the histogram, each order statistic taken as the
-        centre of its bin; an even count averages the two middle ones."""
+        """Read the median of the pooled errors from the histogram.
+
+        Each order statistic is taken as the centre of its bin. An even count averages the two
+        middle ones, as numpy.median does.
+        """
         cumulative = torch.cumsum(self.histogram, dim=0)
         lower_rank, upper_rank = (self.count + 1) // 2, self.count // 2 + 1
         values = []

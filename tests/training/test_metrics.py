@@ -255,6 +255,7 @@ def test_evaluator_all_tasks_perfect() -> None:
     evaluator = MultiTaskEvaluator(
         ["saliency", "human_parts", "semseg", "normals"], {"human_parts": 7, "semseg": 21}
     )
+
     normals = torch.nn.functional.normalize(
         torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     )
@@ -262,6 +263,8 @@ def test_evaluator_all_tasks_perfect() -> None:
     saliency[:, :, :2] = 1.0
     parts = torch.randint(0, 7, (2, 4, 4), generator=torch.Generator().manual_seed(1))
     semseg = torch.randint(0, 21, (2, 4, 4), generator=torch.Generator().manual_seed(2))
+
+    # Perfect predictions: saliency logits of +-20, one-hot logits, scaled true normals.
     outputs = {
         "saliency": (saliency * 2 - 1) * 20,
         "human_parts": _one_hot_logits(parts, 7),
@@ -276,6 +279,7 @@ def test_evaluator_all_tasks_perfect() -> None:
         "meta": [{"has_people": True}, {"has_people": True}],
     }
     evaluator.update(outputs, batch)
+
     results = evaluator.compute()
     assert results["saliency"]["maxF"] == pytest.approx(100.0)
     assert results["semseg"]["mIoU"] == pytest.approx(100 * len(semseg.unique()) / 21)

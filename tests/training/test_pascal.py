@@ -35,7 +35,7 @@ def _parts_struct(parts: list[tuple[str, np.ndarray]]) -> np.ndarray:
 
 
 def _write_part_mat(path: Path, image_id: str, objects: list[tuple]) -> None:
-    """Write a PASCAL-Part file; objects are (class, class_ind, mask, [(part, mask), ...])."""
+    """Write a PASCAL-Part file with objects given as (class, class_ind, mask, [(part, mask)])."""
     fields = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
     array = np.empty((1, len(objects)), dtype=fields)
     for i, (name, class_ind, mask, parts) in enumerate(objects):
@@ -89,7 +89,7 @@ def _write_common(
 
 
 def build_dataset(root: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Write three images in the PASCAL-MT layout; return the label arrays that were written."""
+    """Write three images in the PASCAL-MT layout and return the label arrays written."""
     for folder in (
         "JPEGImages",
         "ImageSets/Context",
@@ -384,6 +384,14 @@ def test_pascal_missing_label_map(tmp_path: Path) -> None:
     (tmp_path / "pascal-context/trainval" / f"{PERSON_ID}.mat").unlink()
     with pytest.raises(FileNotFoundError, match="LabelMap"):
         PascalContextMT(tmp_path, "train", ("normals",))
+
+
+def test_pascal_invalid_part_file(tmp_path: Path) -> None:
+    build_dataset(tmp_path)
+    scipy.io.savemat(tmp_path / "human_parts" / f"{PERSON_ID}.mat", {"annotation": np.ones(2)})
+    dataset = PascalContextMT(tmp_path, "train", ("human_parts",))
+    with pytest.raises(ValueError, match=r"invalid PASCAL-Part file .*no variable 'anno'"):
+        dataset.raw_sample(0)
 
 
 def test_pascal_invalid_arguments(pascal_root: Path) -> None:

@@ -41,7 +41,7 @@ def _sample(height: int = 20, width: int = 20) -> dict:
 
 
 def _unit_where_valid(normals: np.ndarray) -> np.ndarray:
-    """Boolean (H, W) map of valid pixels; asserts that these hold unit vectors."""
+    """Return the (H, W) mask of valid pixels after asserting that they are unit vectors."""
     valid = ~np.any(normals == IGNORE_INDEX, axis=2)
     np.testing.assert_allclose(np.linalg.norm(normals[valid], axis=1), 1.0, atol=1e-5)
     return valid
@@ -168,8 +168,8 @@ def test_add_ignore_regions() -> None:
     assert np.all(out["normals"][0, 0] == IGNORE_INDEX)
     np.testing.assert_allclose(out["normals"][9, 15], (1.0, 0.0, 0.0))
 
-    kept = add_ignore_regions(_sample())
-    np.testing.assert_array_equal(kept["human_parts"], _sample()["human_parts"])
+    unchanged = add_ignore_regions(_sample())
+    np.testing.assert_array_equal(unchanged["human_parts"], _sample()["human_parts"])
 
 
 def test_random_flip_probability() -> None:

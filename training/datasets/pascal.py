@@ -39,8 +39,8 @@ SPLITS: tuple[str, ...] = ("train", "val")
 # VOC class index of "person" in PASCAL-Part's class_ind field.
 PERSON_CLASS_INDEX = 15
 
-# PASCAL-Part person part names grouped into the six parts of the literature; the group id is
-# the index into HUMAN_PARTS_CLASSES (0 is background).
+# PASCAL-Part person part names grouped into the six parts of the literature. The group id is
+# the index into HUMAN_PARTS_CLASSES, where 0 is background.
 PART_GROUPS: dict[str, int] = {
     **dict.fromkeys(
         ("hair", "head", "lear", "rear", "leye", "reye", "lebrow", "rebrow", "mouth", "nose"), 1
@@ -54,7 +54,7 @@ PART_GROUPS: dict[str, int] = {
 
 # PASCAL-Context (459-class) ids whose distilled normals count as valid: the classes whose
 # names are also NYUv2 class names, without "unknown", plus "tvmonitor" (427). The reference
-# loaders derive this set from context_classes.json and nyu_classes.json; it has 170 ids.
+# loaders derive this set of 170 ids from context_classes.json and nyu_classes.json.
 NORMALS_VALID_CLASSES: frozenset[int] = frozenset((
     3, 4, 6, 9, 10, 11, 13, 15, 17, 18, 22, 23, 29, 30, 33, 34, 36, 37, 38, 39, 41, 43, 46, 49,
     50, 51, 53, 55, 56, 59, 61, 62, 65, 66, 68, 69, 72, 73, 78, 83, 84, 85, 87, 88, 95, 96, 101,

@@ -5,8 +5,8 @@ The training chain follows the MTI-Net protocol of the multi-task dense-predicti
 
 1. random horizontal flip, p = 0.5, which negates the normals' x component;
 2. one random scale in [0.75, 1.25] and one rotation in [-20, 20] degrees about the image
-   centre, output size unchanged, borders filled with 0 (background for the label maps, invalid
-   for normals); the normals' in-plane components rotate with the image;
+   centre, with the output size unchanged. Borders are filled with 0, which is background for
+   the label maps and invalid for normals. The normals' in-plane components rotate too;
 3. resize of every map to the model's square input size, without keeping the aspect ratio;
 4. ignore regions: invalid normals become IGNORE_INDEX in all three channels, and a human parts
    map without any part pixel becomes entirely IGNORE_INDEX.
@@ -71,7 +71,7 @@ def _warp_map(
 ) -> np.ndarray:
     """Resize (affine None) or affine-warp one (H, W) float map or (H, W, 3) uint8 image.
 
-    `size` is (height, width) of the output. `affine` holds PIL's six inverse coefficients
+    `size` is (height, width) of the output. `affine` contains PIL's six inverse coefficients
     (a, b, c, d, e, f) that map an output position (x, y) to the input (a x + b y + c,
     d x + e y + f). Areas outside the input are filled with 0.
     """
