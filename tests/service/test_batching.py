@@ -1,0 +1,180 @@
+"""The batcher on its own, with a plain function standing in for the model."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batching import (
+    Batcher,
+    BatcherClosedError,
+    QueueFullError,
+    RequestTimeoutError,
+)
+
+
+class Recorder:
+    """Doubles each payload and records the batches it was called with."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: object = None) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+
+    def __call__(self, payloads: list[int]) -> list[int]:
+        self.batches.append(list(payloads))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        if self.fail_on in payloads:
+            raise ValueError(f"cannot process {self.fail_on}")
+        return [2 * payload for payload in payloads]
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=30))
+
+
+def test_concurrent_requests_share_batch():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0.5, max_queue_size=8)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(i, 10) for i in range(4)))
+        await batcher.stop(5)
+        return results
+
+    results = run(scenario())
+    assert [value for value, _ in results] == [0, 2, 4, 6]
+    assert recorder.batches == [[0, 1, 2, 3]]
+    assert all(timing.batch_size == 4 for _, timing in results)
+    assert recorder.threads and all(
+        name.startswith("adamtl-inference") for name in recorder.threads
+    )
+
+
+def test_full_batch_starts_without_waiting():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=2, max_wait_s=10.0, max_queue_size=2)
+        batcher.start()
+        started = time.perf_counter()
+        await asyncio.gather(batcher.submit(1, 10), batcher.submit(2, 10))
+        elapsed = time.perf_counter() - started
+        await batcher.stop(5)
+        return elapsed
+
+    assert run(scenario()) < 2.0
+
+
+def test_batches_capped_at_max_size():
+    recorder = Recorder(delay_s=0.05)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=3, max_wait_s=0.05, max_queue_size=16)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(i, 10) for i in range(7)))
+        await batcher.stop(5)
+
+    run(scenario())
+    assert max(len(batch) for batch in recorder.batches) == 3
+    assert sorted(p for batch in recorder.batches for p in batch) == list(range(7))
+
+
+def test_event_loop_not_blocked_during_inference():
+    recorder = Recorder(delay_s=0.3)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=1, max_wait_s=0.0, max_queue_size=4)
+        batcher.start()
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        await batcher.submit(1, 10)
+        ticker.cancel()
+        await batcher.stop(5)
+        return ticks
+
+    assert run(scenario()) >= 10
+
+
+def test_queue_full_rejects_beyond_admission_limit():
+    recorder = Recorder(delay_s=0.3)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=1, max_wait_s=0.0, max_queue_size=2)
+        batcher.start()
+        outcomes = await asyncio.gather(
+            *(batcher.submit(i, 10) for i in range(4)), return_exceptions=True
+        )
+        await batcher.stop(5)
+        return outcomes
+
+    outcomes = run(scenario())
+    assert sum(isinstance(o, QueueFullError) for o in outcomes) == 2
+    assert sum(isinstance(o, tuple) for o in outcomes) == 2
+
+
+def test_timeout_raises_and_skips_queued_job():
+    recorder = Recorder(delay_s=0.3)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=1, max_wait_s=0.0, max_queue_size=4)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(1, 10))
+        await asyncio.sleep(0.05)
+        with pytest.raises(RequestTimeoutError, match="within 0.1 s"):
+            await batcher.submit(2, 0.1)
+        await first
+        await batcher.stop(5)
+        return batcher.queue_depth
+
+    assert run(scenario()) == 0
+    assert recorder.batches == [[1]]
+
+
+def test_failing_payload_fails_alone():
+    recorder = Recorder(fail_on=3)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0.5, max_queue_size=4)
+        batcher.start()
+        outcomes = await asyncio.gather(
+            *(batcher.submit(i, 10) for i in range(4)), return_exceptions=True
+        )
+        await batcher.stop(5)
+        return outcomes
+
+    outcomes = run(scenario())
+    assert isinstance(outcomes[3], ValueError)
+    assert [outcome[0] for outcome in outcomes[:3]] == [0, 2, 4]
+
+
+def test_stop_drains_admitted_requests():
+    recorder = Recorder(delay_s=0.1)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=1, max_wait_s=0.0, max_queue_size=4)
+        batcher.start()
+        pending = [asyncio.create_task(batcher.submit(i, 10)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        await batcher.stop(5)
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit(9, 10)
+        return [task.result()[0] for task in pending]
+
+    assert run(scenario()) == [0, 2, 4]
+
+
+def test_queue_smaller_than_batch_rejected():
+    with pytest.raises(ValueError, match="max_queue_size 2 must be at least max_batch_size 4"):
+        Batcher(Recorder(), max_batch_size=4, max_wait_s=0.0, max_queue_size=2)

@@ -1,0 +1,122 @@
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import imaging
+from tests.service import samples
+from tests.service.conftest import photo_bytes
+
+LIMIT = 40_000_000
+
+
+@pytest.fixture(scope="module")
+def cat() -> bytes:
+    return photo_bytes("chelsea.png")
+
+
+def decode_png(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def test_decode_photo_keeps_size(cat):
+    image = imaging.decode_image(cat, LIMIT)
+    assert image.mode == "RGB"
+    assert image.size == (451, 300)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        samples.cmyk_jpeg,
+        samples.gray16_png,
+        samples.palette_alpha_png,
+        samples.rgba_png,
+        samples.animated_gif,
+    ],
+)
+def test_decode_converts_to_rgb(cat, make):
+    image = imaging.decode_image(make(cat), LIMIT)
+    assert image.mode == "RGB"
+    assert image.size == (451, 300)
+
+
+def test_decode_16bit_keeps_range(cat):
+    image = imaging.decode_image(samples.gray16_png(cat), LIMIT)
+    expected = np.asarray(samples.open_rgb(cat).convert("L"))
+    assert np.array_equal(np.asarray(image)[..., 0], expected)
+
+
+def test_decode_gif_uses_first_frame(cat):
+    image = imaging.decode_image(samples.animated_gif(cat), LIMIT)
+    first = samples.open_rgb(samples.animated_gif(cat))
+    assert np.array_equal(np.asarray(image), np.asarray(first))
+
+
+def test_decode_applies_exif_orientation(cat):
+    image = imaging.decode_image(samples.exif_rotated_jpeg(cat), LIMIT)
+    assert image.size == (300, 451)
+
+
+def test_decode_alpha_composites_on_white():
+    transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    buffer = io.BytesIO()
+    transparent.save(buffer, format="PNG")
+    image = imaging.decode_image(buffer.getvalue(), LIMIT)
+    assert np.all(np.asarray(image) == 255)
+
+
+def test_decode_rejects_pixel_bomb_before_decoding():
+    data = samples.png_header(8000, 8000)
+    assert len(data) < 1000
+    with pytest.raises(imaging.ImageTooLargeError, match="64000000 pixels"):
+        imaging.decode_image(data, LIMIT)
+
+
+def test_decode_rejects_huge_declared_size():
+    # Above Pillow's own bomb threshold, which fires while the header is read.
+    with pytest.raises(imaging.ImageTooLargeError):
+        imaging.decode_image(samples.png_header(60_000, 60_000), LIMIT)
+
+
+def test_decode_rejects_truncated_jpeg(cat):
+    with pytest.raises(imaging.InvalidImageError, match="could not be decoded"):
+        imaging.decode_image(samples.truncated_jpeg(cat), LIMIT)
+
+
+@pytest.mark.parametrize("data", [b"hello, world\n", b"%PDF-1.7\n", b"\x00" * 64])
+def test_decode_rejects_non_images(data):
+    with pytest.raises(imaging.UnsupportedImageError):
+        imaging.decode_image(data, LIMIT)
+
+
+def test_encode_saliency_levels():
+    probability = np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32)
+    image = decode_png(imaging.encode_saliency(probability))
+    assert image.mode == "L"
+    assert np.asarray(image).tolist() == [[0, 128], [255, 64]]
+
+
+def test_encode_labels_keeps_indices():
+    labels = np.array([[0, 1, 2], [8, 7, 0]], dtype=np.uint8)
+    image = decode_png(imaging.encode_labels(labels, [f"c{i}" for i in range(9)]))
+    assert image.mode == "P"
+    assert np.array_equal(np.asarray(image), labels)
+    palette = image.getpalette()
+    assert palette[:3] == [0, 0, 0]
+    assert palette[3:6] != palette[6:9]
+
+
+def test_encode_normals_mapping():
+    normals = np.array([[[0.0, 0.0, 1.0], [-1.0, 1.0, 0.0]]], dtype=np.float32)
+    image = decode_png(imaging.encode_normals(normals))
+    assert image.mode == "RGB"
+    assert np.asarray(image).tolist() == [[[128, 128, 255], [0, 255, 128]]]
+
+
+def test_class_palette_distinct_for_256_indices():
+    palette = imaging.class_palette(256)
+    colours = {tuple(palette[i : i + 3]) for i in range(0, len(palette), 3)}
+    assert len(colours) == 256
