@@ -1,0 +1,172 @@
+"""Latency of the adaptive model against the static model, measured side by side.
+
+For each budget the static model (budget 1) and the adaptive model run alternately on the same
+batch, and the medians give `latency_ratio`. `flops_ratio` is the mean executed FLOPs ratio
+of that batch, and `policy_overhead_ratio` the policy's FLOPs over the static model's.
+
+    python -m benchmarks.model_latency --preset demo --batch 1 8 --json
+
+Without `--checkpoint`, the preset is built with random weights and calibrated on generated
+images, which is enough to measure how wall-clock time follows FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model_core.calibration import calibrate
+from model_core.checkpoint import load_checkpoint
+from model_core.model import AdaMTL
+from model_core.predictor import Predictor
+from model_core.presets import get_preset, preset_names
+
+DEFAULT_BUDGETS = (1.0, 0.8, 0.6, 0.5, 0.4)
+
+
+def generated_images(count: int, size: int, seed: int) -> torch.Tensor:
+    """Return (count, 3, size, size) normalised images of smooth random structure and edges."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for index in range(count):
+        coarse = 2 + index % 12  # from a few large blobs to many small ones
+        low = torch.rand(1, 3, coarse, coarse, generator=generator)
+        image = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+        image = image + 0.1 * torch.randn(1, 3, size, size, generator=generator)
+        images.append(image)
+    pixels = torch.cat(images).clamp(0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def build_predictor(
+    preset: str, checkpoint: Path | None, calibration_images: int, seed: int
+) -> Predictor:
+    """Load `checkpoint`, or build `preset` with random weights, and make sure it is calibrated."""
+    if checkpoint is not None:
+        model, metadata = load_checkpoint(checkpoint)
+    else:
+        torch.manual_seed(seed)
+        model, metadata = AdaMTL(get_preset(preset)).eval(), None
+    if model.calibration is None:
+        images = generated_images(calibration_images, model.config.img_size, seed + 1)
+        calibrate(model, images, tolerance=0.01, max_steps=14, batch_size=8)
+    return Predictor(model, metadata=metadata)
+
+
+def time_alternately(
+    predictor: Predictor, images: torch.Tensor, budget: float, repeats: int
+) -> tuple[float, float]:
+    """Return median seconds of (static, adaptive) forward passes, run alternately."""
+    for _ in range(2):  # warm-up of both paths
+        predictor.run(images, 1.0)
+        predictor.run(images, budget)
+    static, adaptive = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.run(images, 1.0)
+        static.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        predictor.run(images, budget)
+        adaptive.append(time.perf_counter() - start)
+    return statistics.median(static), statistics.median(adaptive)
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    predictor = build_predictor(args.preset, args.checkpoint, args.calibration_images, args.seed)
+    model = predictor.model
+    size = model.config.img_size
+    policy_overhead = model.policy_flops() / model.static_flops()
+    rows = []
+    for batch in args.batch:
+        images = generated_images(batch, size, args.seed + 100 + batch)
+        for budget in args.budgets:
+            output = predictor.run(images, budget)
+            flops_ratio = float(output.stats.flops_ratio.mean())
+            static_s, adaptive_s = time_alternately(predictor, images, budget, args.repeats)
+            rows.append(
+                {
+                    "preset": model.config.name,
+                    "batch": batch,
+                    "budget": budget,
+                    "flops_ratio": round(flops_ratio, 4),
+                    "latency_ratio": round(adaptive_s / static_s, 4),
+                    "static_ms": round(1000 * static_s, 2),
+                    "adaptive_ms": round(1000 * adaptive_s, 2),
+                    "policy_overhead_ratio": round(policy_overhead, 4),
+                    "threads": torch.get_num_threads(),
+                }
+            )
+            logging.info("measured %s", rows[-1])
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "| preset | batch | budget | flops_ratio | latency_ratio | static ms | adaptive ms "
+        "| policy overhead |"
+    )
+    print("|" + "---|" * 8)
+    for row in rows:
+        print(
+            f"| {row['preset']} | {row['batch']} | {row['budget']:.2f} "
+            f"| {row['flops_ratio']:.3f} | "
+            f"{row['latency_ratio']:.3f} | {row['static_ms']:.1f} | {row['adaptive_ms']:.1f} | "
+            f"{100 * row['policy_overhead_ratio']:.2f} % |"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="demo", choices=preset_names(), help="model preset")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint to load instead of random weights"
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS), help="budgets to time"
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per path and budget")
+    parser.add_argument(
+        "--calibration-images", type=int, default=16, help="generated images for calibration"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and generated images")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per row instead of a table"
+    )
+    args = parser.parse_args(argv)
+    if any(b <= 0 for b in args.batch) or args.repeats < 1:
+        parser.error("--batch values and --repeats must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s"
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure(args)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
