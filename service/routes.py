@@ -99,12 +99,16 @@ def parse_tasks(raw: str | None, available: tuple[str, ...]) -> list[str]:
     return known + unknown
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """Read the request body, raising 413 as soon as it exceeds `limit` bytes."""
+async def _read_limited(request: Request, limit: int, max_upload_bytes: int) -> bytes:
+    """Read the request body, raising 413 as soon as it exceeds `limit` bytes.
+
+    `limit` may exceed `max_upload_bytes` by the multipart overhead; messages name the latter.
+    """
     too_large = ServiceError(
         413,
         "payload_too_large",
-        f"the upload exceeds the limit of {limit} bytes: send a smaller or more compressed image",
+        f"the upload exceeds the limit of {max_upload_bytes} bytes for the image: send a "
+        "smaller or more compressed image",
     )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -131,12 +135,14 @@ async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
     )
 
     if media_type == "multipart/form-data":
-        body = await _read_limited(request, max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+        body = await _read_limited(
+            request, max_upload_bytes + MULTIPART_OVERHEAD_BYTES, max_upload_bytes
+        )
         data = await _image_from_multipart(request, body)
         if data is None:
             raise missing
     elif media_type.startswith("image/") or media_type in ("", "application/octet-stream"):
-        data = await _read_limited(request, max_upload_bytes)
+        data = await _read_limited(request, max_upload_bytes, max_upload_bytes)
     else:
         raise ServiceError(
             415,

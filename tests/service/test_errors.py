@@ -1,0 +1,239 @@
+"""Bad and awkward inputs: each gets its documented status and a JSON error body."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.service import samples
+from tests.service.conftest import make_settings, running_server
+from tests.service.test_api import predict
+
+MB = 1_000_000
+
+
+def post_raw(
+    client: httpx.Client, data: bytes, content_type: str, query: str = ""
+) -> httpx.Response:
+    return client.post(f"/predict{query}", content=data, headers={"content-type": content_type})
+
+
+def assert_error_body(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"code", "type", "message", "request_id"}
+    assert body["code"] == status
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert len(body["message"]) > 20
+    return body
+
+
+# (case id, how to build the request from the photos, expected status, expected error type,
+#  a fragment that the message must contain)
+BAD_INPUTS = [
+    (
+        "oversized upload",
+        lambda c, p: post_raw(c, b"\xff" * (20 * MB + 1), "image/jpeg"),
+        413,
+        "payload_too_large",
+        "20000000 bytes",
+    ),
+    (
+        "oversized multipart upload",
+        lambda c, p: c.post("/predict", files={"image": ("big.jpg", b"\xff" * (21 * MB))}),
+        413,
+        "payload_too_large",
+        "20000000 bytes",
+    ),
+    (
+        "pixel bomb png header",
+        lambda c, p: post_raw(c, samples.png_header(8000, 8000), "image/png"),
+        413,
+        "image_too_large",
+        "40000000 pixels",
+    ),
+    (
+        "giant declared png",
+        lambda c, p: post_raw(c, samples.png_header(100_000, 100_000), "image/png"),
+        413,
+        "image_too_large",
+        "too large",
+    ),
+    (
+        "truncated jpeg",
+        lambda c, p: post_raw(c, samples.truncated_jpeg(p["rocket.jpg"]), "image/jpeg"),
+        400,
+        "invalid_image",
+        "JPEG",
+    ),
+    (
+        "text file as image",
+        lambda c, p: c.post("/predict", files={"image": ("notes.txt", b"just some text\n")}),
+        415,
+        "unsupported_image",
+        "JPEG, PNG",
+    ),
+    (
+        "text content type",
+        lambda c, p: post_raw(c, b"just some text\n", "text/plain"),
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    ),
+    (
+        "empty body",
+        lambda c, p: post_raw(c, b"", "image/png"),
+        422,
+        "missing_image",
+        "no image",
+    ),
+    (
+        "missing image field",
+        lambda c, p: c.post("/predict", files={"picture": ("a.png", p["chelsea.png"])}),
+        422,
+        "missing_image",
+        "'image'",
+    ),
+    (
+        "image field as text",
+        lambda c, p: c.post("/predict", files={"image": (None, "chelsea.png")}),
+        422,
+        "missing_image",
+        "as a file",
+    ),
+    (
+        "budget above range",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?budget=1.5"),
+        422,
+        "invalid_budget",
+        "1.5",
+    ),
+    (
+        "budget below range",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?budget=0.1"),
+        422,
+        "invalid_budget",
+        "0.3",
+    ),
+    (
+        "budget not a number",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?budget=half"),
+        422,
+        "invalid_parameter",
+        "'half'",
+    ),
+    (
+        "budget nan",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?budget=nan"),
+        422,
+        "invalid_budget",
+        "finite",
+    ),
+    (
+        "unknown task",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?tasks=semseg,depth"),
+        422,
+        "invalid_tasks",
+        "depth",
+    ),
+    (
+        "empty task list",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?tasks=,"),
+        422,
+        "invalid_tasks",
+        "saliency",
+    ),
+    (
+        "unknown route",
+        lambda c, p: c.get("/v2/predict"),
+        404,
+        "not_found",
+        "/docs",
+    ),
+    (
+        "wrong method",
+        lambda c, p: c.get("/predict"),
+        405,
+        "method_not_allowed",
+        "GET",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "status", "error_type", "fragment"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
+def test_bad_input_status(client, photos, build, status, error_type, fragment):
+    body = assert_error_body(build(client, photos), status)
+    assert body["type"] == error_type
+    assert fragment in body["message"]
+
+
+# Awkward but valid inputs: (case id, encoder, content type, expected width and height).
+CONVERTED_INPUTS = [
+    ("16-bit png", samples.gray16_png, "image/png", (451, 300)),
+    ("cmyk jpeg", samples.cmyk_jpeg, "image/jpeg", (451, 300)),
+    ("animated gif", samples.animated_gif, "image/gif", (451, 300)),
+    ("palette png with transparency", samples.palette_alpha_png, "image/png", (451, 300)),
+    ("rgba png", samples.rgba_png, "image/png", (451, 300)),
+    ("exif-rotated jpeg", samples.exif_rotated_jpeg, "image/jpeg", (300, 451)),
+]
+
+
+@pytest.mark.parametrize(
+    ("encode", "content_type", "size"),
+    [case[1:] for case in CONVERTED_INPUTS],
+    ids=[case[0] for case in CONVERTED_INPUTS],
+)
+def test_converted_input_served(client, photos, encode, content_type, size):
+    response = post_raw(client, encode(photos["chelsea.png"]), content_type, "?tasks=semseg")
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"width": size[0], "height": size[1]}
+
+
+def test_server_answers_after_bad_inputs(client, photos):
+    for _, build, *_ in BAD_INPUTS:
+        build(client, photos)
+    assert client.get("/healthz").status_code == 200
+    response = predict(client, photos["coffee.png"], 0.6, ["saliency"])
+    assert response.status_code == 200, response.text
+
+
+def test_queue_full_gives_503(checkpoint_path, photos):
+    # One request at a time and a large image, so concurrent requests find the queue full.
+    settings = make_settings(checkpoint_path, max_batch_size=1, max_queue_size=1)
+    large = samples.resized_jpeg(photos["coffee.png"], 1500, 1000)
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: predict(client, large), range(6)))
+        statuses = sorted(response.status_code for response in responses)
+        assert set(statuses) <= {200, 503}, statuses
+        assert 200 in statuses
+        assert 503 in statuses
+        for response in responses:
+            if response.status_code == 503:
+                body = assert_error_body(response, 503)
+                assert body["type"] == "queue_full"
+                assert response.headers["retry-after"] == "1"
+        assert predict(client, photos["chelsea.png"]).status_code == 200
+
+
+def test_timeout_gives_504(checkpoint_path, photos):
+    settings = make_settings(checkpoint_path, max_batch_size=1, request_timeout_s=0.05)
+    large = samples.resized_jpeg(photos["coffee.png"], 2400, 1600)
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda _: predict(client, large), range(3)))
+        timed_out = [response for response in responses if response.status_code == 504]
+        assert timed_out, [response.status_code for response in responses]
+        body = assert_error_body(timed_out[0], 504)
+        assert body["type"] == "timeout"
+        assert "0.05 s" in body["message"]
+        assert client.get("/readyz").status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'adamtl_requests_total{endpoint="/predict",status_code="504"}' in metrics
