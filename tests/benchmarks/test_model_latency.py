@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+
+
+def test_model_latency_json_rows():
+    command = [
+        sys.executable, "-m", "benchmarks.model_latency", "--preset", "tiny", "--batch", "1", "2",
+        "--budgets", "1.0", "0.5", "--repeats", "2", "--calibration-images", "4", "--json",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(row["batch"], row["budget"]) for row in rows] == [
+        (1, 1.0),
+        (1, 0.5),
+        (2, 1.0),
+        (2, 0.5),
+    ]
+    for row in rows:
+        assert {
+            "preset",
+            "batch",
+            "budget",
+            "flops_ratio",
+            "latency_ratio",
+            "policy_overhead_ratio",
+        } <= set(row)
+        assert row["preset"] == "tiny"
+        assert row["latency_ratio"] > 0
+        assert 0 < row["policy_overhead_ratio"] < 0.03
+    assert rows[0]["flops_ratio"] == 1.0
+    assert rows[1]["flops_ratio"] < 0.6
+
+
+def test_model_latency_rejects_bad_batch():
+    command = [sys.executable, "-m", "benchmarks.model_latency", "--batch", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--batch values and --repeats must be positive" in result.stderr
