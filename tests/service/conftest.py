@@ -75,6 +75,9 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Calibration makes the executed FLOPs follow the budget, which an untrained policy does not.
     """
+    # One intra-op thread: with two, torch's OpenMP workers spin against each other and against
+    # the server threads on a 2-core machine, which made this fixture 30 times slower.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = AdaMTL(get_preset("tiny"))
     predictor = Predictor(model)
@@ -96,7 +99,7 @@ def checkpoint_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_settings(checkpoint: Path, **overrides) -> Settings:
-    values = dict(checkpoint=checkpoint, max_batch_size=8, max_batch_wait_ms=20.0)
+    values = dict(checkpoint=checkpoint, max_batch_size=8, max_batch_wait_ms=20.0, torch_threads=1)
     values.update(overrides)
     return Settings(**values)
 
