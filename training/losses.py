@@ -183,6 +183,7 @@ def efficiency_loss(
     block_widths: Sequence[int] | Tensor,
     block_target: float | Tensor,
     token_target: float | Tensor,
+    batch_mean: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """AdaMTL's compute-budget loss, L_eff = L_blocks + L_tokens.
 
@@ -202,6 +203,9 @@ def efficiency_loss(
         block_widths: (K,) embedding width of each block's stage.
         block_target: Target fraction of executed blocks in [0, 1]; a float or (B,).
         token_target: Target fraction of kept tokens in [0, 1]; a float or (B,).
+        batch_mean: compare the batch means of the ratios with the mean targets instead of
+            each image's ratios with its targets. Images may then spend more or less than the
+            target, by content, as long as the batch meets it on average.
 
     Returns:
         (loss, {"blocks": L_blocks, "tokens": L_tokens}), all scalars.
@@ -221,9 +225,14 @@ def efficiency_loss(
     block_target = _per_sample_target(block_target, "block_target", batch_size, block_keep)
     token_target = _per_sample_target(token_target, "token_target", batch_size, block_keep)
 
-    blocks = F.mse_loss(block_keep.mean(dim=1), block_target)
-
     weights = (widths / widths.min()).unsqueeze(0)  # (1, K)
+    if batch_mean:
+        blocks = (block_keep.mean() - block_target.mean()).square()
+        token_gap = weights[0] * (token_ratio.mean(dim=0) - token_target.mean())  # (K,)
+        tokens = token_gap.square().mean()
+        return blocks + tokens, {"blocks": blocks, "tokens": tokens}
+
+    blocks = F.mse_loss(block_keep.mean(dim=1), block_target)
     tokens = F.mse_loss(
         weights * token_ratio, weights * token_target.unsqueeze(1).expand_as(token_ratio)
     )

@@ -197,6 +197,27 @@ def test_efficiency_loss_per_sample_targets() -> None:
     _close(parts["tokens"], 5.5 / 8)
 
 
+def test_efficiency_loss_batch_mean() -> None:
+    block_keep = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    token_ratio = torch.tensor([[0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    loss, parts = efficiency_loss(block_keep, token_ratio, WIDTHS, 0.75, 0.5, batch_mean=True)
+    # Blocks: the batch executes 6 of 8 blocks, exactly the target.
+    _close(parts["blocks"], 0.0)
+    # Tokens: batch means (0.75, 0.75, 0.5, 0.5) against 0.5, weighted (1, 1, 2, 4).
+    _close(parts["tokens"], (0.25**2 + 0.25**2 + 0.0 + 0.0) / 4)
+    _close(loss, 0.125 / 4)
+
+
+def test_efficiency_loss_batch_mean_allows_spread() -> None:
+    # One image above and one below the target: no penalty when the batch meets it.
+    block_keep = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    token_ratio = torch.tensor([[0.8, 0.8, 0.8, 0.8], [0.2, 0.2, 0.2, 0.2]])
+    loss, _ = efficiency_loss(block_keep, token_ratio, WIDTHS, 0.5, 0.5, batch_mean=True)
+    per_image, _ = efficiency_loss(block_keep, token_ratio, WIDTHS, 0.5, 0.5)
+    _close(loss, 0.0)
+    assert float(per_image) > 0.1
+
+
 def test_efficiency_loss_gradient() -> None:
     block_keep = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
     token_ratio = torch.tensor([[0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
