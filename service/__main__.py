@@ -10,7 +10,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from service.settings import Settings, format_settings_error
+from service.settings import Settings, format_settings_error, missing_checkpoint_message
 
 logger = logging.getLogger("service")
 
@@ -56,13 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not settings.checkpoint.is_file():
-        logger.error(
-            "checkpoint not found: %s (resolved to %s). Train the demo model to create it, or "
-            "pass --checkpoint PATH (or set ADAMTL_CHECKPOINT) to an existing .safetensors "
-            "checkpoint.",
-            settings.checkpoint,
-            settings.checkpoint.resolve(),
-        )
+        logger.error(missing_checkpoint_message(settings.checkpoint))
         return 1
 
     import uvicorn

@@ -20,7 +20,7 @@ from service.deps import PredictJob, ServiceState
 from service.errors import error_response, install_error_handlers
 from service.metrics import UNMATCHED_ENDPOINT, ServiceMetrics
 from service.routes import router
-from service.settings import Settings
+from service.settings import Settings, missing_checkpoint_message
 
 if TYPE_CHECKING:
     from model_core.predictor import Prediction, Predictor
@@ -34,7 +34,7 @@ _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 
 class StartupError(RuntimeError):
-    """The service cannot start; the message says why and what to do."""
+    """The service cannot start; its message names the cause and the fix."""
 
 
 def load_predictor(checkpoint: Path) -> Predictor:
@@ -44,11 +44,7 @@ def load_predictor(checkpoint: Path) -> Predictor:
         StartupError: The file is missing or is not a valid AdaMTL checkpoint.
     """
     if not checkpoint.is_file():
-        raise StartupError(
-            f"checkpoint not found: {checkpoint} (resolved to {checkpoint.resolve()}). "
-            "Train the demo model to create it, or pass --checkpoint PATH "
-            "(or set ADAMTL_CHECKPOINT) to an existing .safetensors checkpoint."
-        )
+        raise StartupError(missing_checkpoint_message(checkpoint))
     from model_core.checkpoint import CheckpointError
     from model_core.predictor import Predictor
 
@@ -85,7 +81,7 @@ def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
     side = predictor.input_size
     image = Image.new("RGB", (side, side), (128, 128, 128))
     low, high = predictor.budget_range
-    budgets = [high, low][: max(1, min(2, max_batch_size))]
+    budgets = [high, low] if max_batch_size >= 2 else [high]
     predictor.predict([image] * len(budgets), budgets, None)
 
 

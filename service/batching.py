@@ -36,7 +36,7 @@ class RequestTimeoutError(TimeoutError):
 
 @dataclass(frozen=True)
 class BatchTiming:
-    """Where one request's time went, in seconds."""
+    """Time spent on one request, in seconds."""
 
     queue_s: float  # from admission to the start of its batch
     inference_s: float  # the whole batch function call
@@ -102,7 +102,7 @@ class Batcher(Generic[PayloadT, ResultT]):
 
     @property
     def queue_depth(self) -> int:
-        """Requests admitted and not yet answered."""
+        """Requests admitted and not yet finished."""
         return self._admitted
 
     def start(self) -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("service")
 
-# Seconds a client is told to wait before retrying a 503.
+# Retry-After value of 503 responses, in seconds.
 RETRY_AFTER_S = 1
 
 

@@ -69,8 +69,8 @@ def _describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
         else:
             where = " ".join(location) or "request"
         value = item.get("input")
-        shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
-        parts.append(f"{where}: {item.get('msg', 'invalid value')}{shown}")
+        quoted_input = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+        parts.append(f"{where}: {item.get('msg', 'invalid value')}{quoted_input}")
     return "; ".join(parts) + ". See /docs for the valid parameters."
 
 

@@ -114,7 +114,7 @@ class ServiceMetrics:
         )
         self.request_budget_ratio = Histogram(
             "adamtl_request_budget_ratio",
-            "Compute budget that each prediction request asked for.",
+            "Compute budget of each successful prediction request.",
             buckets=RATIO_BUCKETS,
             registry=registry,
         )
@@ -128,13 +128,13 @@ class ServiceMetrics:
         # HTTP.
         self.requests = Counter(
             "adamtl_requests_total",
-            "HTTP requests answered, by endpoint and status code.",
+            "HTTP requests completed, by endpoint and status code.",
             ["endpoint", "status_code"],
             registry=registry,
         )
         self.request_duration = Histogram(
             "adamtl_request_duration_seconds",
-            "Time from receiving a request to sending its response, by endpoint.",
+            "Time from receiving a request until its response is ready, by endpoint.",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -199,6 +199,6 @@ class ServiceMetrics:
         self.inference_duration.observe(duration_s)
 
     def observe_request(self, endpoint: str, status_code: int, duration_s: float) -> None:
-        """Record one answered HTTP request; `endpoint` must be a route path or UNMATCHED."""
+        """Record one HTTP response; `endpoint` is a route path or UNMATCHED_ENDPOINT."""
         self.requests.labels(endpoint=endpoint, status_code=str(status_code)).inc()
         self.request_duration.labels(endpoint=endpoint).observe(duration_s)

@@ -265,7 +265,9 @@ async def predict(
     """Predict the requested dense maps of one image under a compute budget."""
     settings = state.settings
     predictor, batcher, metrics = state.predictor, state.batcher, state.metrics
-    assert predictor is not None and batcher is not None and metrics is not None
+    assert predictor is not None
+    assert batcher is not None
+    assert metrics is not None
 
     task_list = parse_tasks(tasks, tuple(predictor.tasks))
     _validate_request(state, budget, task_list)

@@ -35,7 +35,7 @@ class ImageSize(BaseModel):
 
 
 class Compute(BaseModel):
-    """What the policy executed for this image. FLOPs are multiply-accumulates."""
+    """Execution statistics of this image. FLOPs are multiply-accumulates."""
 
     flops: float = Field(description="Multiply-accumulates executed for this image.")
     static_flops: float = Field(

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
         return self
 
 
+def missing_checkpoint_message(checkpoint: Path) -> str:
+    """Explain that `checkpoint` does not exist and how to get one."""
+    return (
+        f"checkpoint not found: {checkpoint} (resolved to {checkpoint.resolve()}). Create it by "
+        "training the demo model (training/run_all.sh --preset demo), or pass --checkpoint PATH "
+        "(or set ADAMTL_CHECKPOINT) to an existing .safetensors checkpoint."
+    )
+
+
 def format_settings_error(error: ValidationError) -> str:
     """Turn a settings validation error into one line per invalid variable."""
     lines = ["invalid service settings:"]

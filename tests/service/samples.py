@@ -21,7 +21,7 @@ def open_rgb(data: bytes) -> Image.Image:
 
 
 def exif_rotated_jpeg(photo: bytes) -> bytes:
-    """The photo as a JPEG whose EXIF orientation 6 tells viewers to rotate it 90 degrees."""
+    """The photo as a JPEG with EXIF orientation 6: displayed rotated 90 degrees clockwise."""
     image = open_rgb(photo)
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display

@@ -229,6 +229,7 @@ def test_metrics_follow_conventions(client, photos):
         "adamtl_model_info",
     ]
     assert set(required) <= set(families)
+
     for name, family in families.items():
         if not name.startswith("adamtl_"):
             continue
@@ -238,12 +239,14 @@ def test_metrics_follow_conventions(client, photos):
         for sample in family.samples:
             assert "request_id" not in sample.labels
     assert "# TYPE adamtl_requests_total counter" in text
+
     stages = {
         sample.labels["stage"] for sample in families["adamtl_image_activated_tokens_ratio"].samples
     }
     assert stages == {"1", "2", "3", "4"}
     info = families["adamtl_model_info"].samples[0].labels
     assert info == {"name": "adamtl-tiny-test", "version": "0.0.1", "preset": "tiny"}
+
     flops = metric_samples(client, "adamtl_image_flops")
     assert flops[("adamtl_image_flops_count", ())] >= 1
     ok = metric_samples(client, "adamtl_requests")

@@ -114,7 +114,7 @@ def test_sigterm_drains_and_exits(checkpoint_path, photos):
             )
             assert response.status_code == 200
 
-            # A slow request in flight when SIGTERM arrives still gets its answer.
+            # A slow request in flight when SIGTERM arrives still gets its response.
             large = samples.resized_jpeg(photos["coffee.png"], 2400, 1600)
             with ThreadPoolExecutor(1) as pool:
                 in_flight = pool.submit(

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def wait_for(check, timeout_s: float, what: str):
+def wait_for(check, timeout_s: float, description: str):
     """Poll `check` every 0.25 s until it returns a truthy value; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -32,7 +32,7 @@ def wait_for(check, timeout_s: float, what: str):
         if value:
             return value
         time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout_s} s waiting for {description}")
 
 
 def query(prometheus: httpx.Client, promql: str) -> list[dict]:
