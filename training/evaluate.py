@@ -1,0 +1,420 @@
+"""Evaluate a trained run on the val split and export the serving checkpoint.
+
+    python -m training.evaluate --adaptive RUN/cotrain/model.safetensors \\
+        --static RUN/static/model.safetensors --data DATA --out-dir REPORT \\
+        [--task-agnostic RUN_AGNOSTIC/cotrain/model.safetensors] [--export MODEL.safetensors]
+
+writes REPORT/evaluation.json (every number of the report) and REPORT/masks.npz (token masks
+of the simplest and the most cluttered val image). Every evaluation runs through
+`model_core.predictor.Predictor.run` on the val split. The random-policy keep probability is
+searched on the calibration slice of the train split (the same held-out images the budget
+table was calibrated on), never on val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from model_core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from model_core.model import AdaMTL
+from model_core.predictor import Predictor
+from model_core.presets import IMAGENET_MEAN, IMAGENET_STD
+from training.datasets.transforms import test_transform
+from training.engine import EvaluationResult, evaluate, git_commit
+from training.metrics import delta_m
+from training.stages import eval_loader, stack_images
+
+__all__ = ["build_parser", "main", "search_random_keep"]
+
+logger = logging.getLogger(__name__)
+
+TRACKING_BUDGETS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ADAPTIVITY_BUDGET = 0.6
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Evaluate an AdaMTL run on the val split and write evaluation.json.",
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--adaptive", type=Path, required=True, help="co-trained checkpoint")
+    models.add_argument("--static", type=Path, required=True, help="static (stage 1) checkpoint")
+    models.add_argument(
+        "--task-agnostic", type=Path, help="co-trained checkpoint of the task-agnostic ablation"
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, required=True, help="dataset root folder")
+    data.add_argument("--dataset", choices=("scenes", "pascal"), default="scenes")
+    data.add_argument(
+        "--calibration-images",
+        type=int,
+        default=64,
+        help="size of the held-out train slice used in training; the random-policy search "
+        "runs on it",
+    )
+    data.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    data.add_argument("--val-limit", type=int, help="evaluate on the first N val images only")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=list(TRACKING_BUDGETS),
+        help="budgets at which the adaptive model is evaluated",
+    )
+    evaluation.add_argument(
+        "--matched-ratio",
+        type=float,
+        default=0.5,
+        help="FLOPs ratio (of the static model) at which the ablations are compared",
+    )
+    evaluation.add_argument(
+        "--latency-repeats", type=int, default=10, help="timed batch-1 runs per task selection"
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", type=Path, required=True, help="folder for the results")
+    output.add_argument(
+        "--export", type=Path, help="write the serving checkpoint (adaptive model + metrics) here"
+    )
+    output.add_argument(
+        "--run-command", help="command that produced the run, recorded in the export's provenance"
+    )
+    output.add_argument("--seed", type=int, default=0, help="seed of the random-policy masks")
+    output.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads"
+    )
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    for name in ("adaptive", "static", "task_agnostic"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            raise ValueError(f"--{name.replace('_', '-')} checkpoint not found: {path}")
+    if not args.data.is_dir():
+        raise ValueError(f"--data folder not found: {args.data}")
+    if not 0.0 < args.matched_ratio < 1.0:
+        raise ValueError(f"invalid --matched-ratio {args.matched_ratio}: must be in (0, 1)")
+    if args.calibration_images < 1:
+        raise ValueError("--calibration-images must be at least 1 for the random-policy search")
+    if args.batch_size < 1 or args.threads < 1 or args.latency_repeats < 1:
+        raise ValueError("--batch-size, --threads and --latency-repeats must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+@torch.no_grad()
+def mean_random_ratio(predictor: Predictor, images: torch.Tensor, keep: float, seed: int) -> float:
+    """Return the mean FLOPs ratio of random masks that keep blocks and tokens with `keep`."""
+    generator = torch.Generator().manual_seed(seed)
+    ratios = []
+    for chunk in images.split(16):
+        output = predictor.run(
+            chunk, 1.0, random_keep=keep, generator=generator, compute_outputs=False
+        )
+        ratios.append(output.stats.flops_ratio)
+    return float(torch.cat(ratios).mean())
+
+
+def search_random_keep(
+    predictor: Predictor, images: torch.Tensor, target: float, seed: int, steps: int = 14
+) -> tuple[float, float]:
+    """Bisect the keep probability whose random masks give mean FLOPs ratio `target`.
+
+    Returns:
+        (keep probability, mean FLOPs ratio it gives on `images`).
+    """
+    low, high = 0.0, 1.0
+    best = (1.0, mean_random_ratio(predictor, images, 1.0, seed))
+    for _ in range(steps):
+        middle = 0.5 * (low + high)
+        ratio = mean_random_ratio(predictor, images, middle, seed)
+        if abs(ratio - target) < abs(best[1] - target):
+            best = (middle, ratio)
+        if ratio < target:
+            low = middle
+        else:
+            high = middle
+    return best
+
+
+def measure_latency(
+    predictor: Predictor, image: torch.Tensor, budget: float, tasks: list[str], repeats: int
+) -> float:
+    """Return the median wall time in milliseconds of one batch-1 forward pass."""
+    predictor.run(image, budget, tasks)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.run(image, budget, tasks)
+        times.append(1000.0 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _summary(result: EvaluationResult, model: AdaMTL, extra: dict | None = None) -> dict:
+    return {
+        "metrics": result.metrics,
+        "gflops": result.mean_flops / 1e9,
+        "flops_ratio": result.mean_flops_ratio,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        **(extra or {}),
+    }
+
+
+def _safe_delta_m(metrics: dict, baseline: dict) -> float | None:
+    tasks = [
+        task
+        for task in metrics
+        if all(math.isfinite(float(v)) for v in metrics[task].values())
+        and all(math.isfinite(float(v)) for v in baseline.get(task, {}).values())
+    ]
+    return delta_m(metrics, baseline, tasks) if tasks else None
+
+
+def spearman(complexity: list, flops: list) -> dict[str, Any]:
+    """Spearman correlation between per-image complexity scores and per-image FLOPs."""
+    from scipy.stats import spearmanr
+
+    pairs = [(c, f) for c, f in zip(complexity, flops, strict=True) if c is not None]
+    if len(pairs) < 3:
+        return {"rho": None, "p_value": None, "count": len(pairs)}
+    scores, values = zip(*pairs, strict=True)
+    if len(set(values)) < 2 or len(set(scores)) < 2:
+        return {"rho": None, "p_value": None, "count": len(pairs)}
+    result = spearmanr(scores, values)
+    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "count": len(pairs)}
+
+
+def _denormalise(image: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+    return (pixels.numpy() * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def save_masks(
+    predictor: Predictor, val: Dataset, result: EvaluationResult, budget: float, path: Path
+) -> None:
+    """Save the token masks of the simplest and the most cluttered val image at `budget`.
+
+    Images are ranked by the dataset's complexity score, or by the FLOPs they received
+    where the dataset has none.
+    """
+    scores = [
+        c if c is not None else f for c, f in zip(result.complexity, result.flops, strict=True)
+    ]
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    picks = [order[0], order[-1]]
+    images = torch.stack([val[i]["image"] for i in picks])
+    output = predictor.run(images, budget, return_masks=True)
+    arrays = {
+        "images": np.stack([_denormalise(image) for image in images]),
+        "ids": np.array([result.ids[i] for i in picks]),
+        "scores": np.array([scores[i] for i in picks], dtype=np.float64),
+        "flops_ratio": output.stats.flops_ratio.cpu().numpy(),
+        "budget": np.array(budget),
+        "depths": np.array(predictor.config.depths),
+    }
+    for index, mask in enumerate(output.stats.keep_masks):
+        arrays[f"mask_{index}"] = mask.cpu().numpy()
+    np.savez_compressed(path, **arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+
+
+def _stage_chain(path: Path) -> dict[str, dict]:
+    """Follow the --init links of stage checkpoints back to the first stage."""
+    chain: dict[str, dict] = {}
+    current: Path | None = path
+    while current is not None and current.is_file() and len(chain) < 8:
+        provenance = read_metadata(current).get("provenance", {})
+        chain[str(provenance.get("stage", current.parent.name))] = provenance
+        init = provenance.get("init")
+        current = Path(init) if init else None
+    return chain
+
+
+def export_provenance(args: argparse.Namespace, metadata: dict) -> dict[str, Any]:
+    provenance = metadata.get("provenance", {})
+    chain = _stage_chain(args.adaptive)
+    return {
+        "command": args.run_command
+        or " ".join(["python", "-m", "training.evaluate", *sys.argv[1:]]),
+        "preset": provenance.get("preset") or metadata.get("config", {}).get("name"),
+        "seed": provenance.get("seed"),
+        "dataset": provenance.get("dataset"),
+        "git_commit": git_commit(),
+        "training_git_commit": provenance.get("git_commit"),
+        "schedule": {stage: info.get("schedule") for stage, info in chain.items()},
+        "stage_commands": {stage: info.get("command") for stage, info in chain.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def _open_split(args: argparse.Namespace, split: str, size: int, tasks) -> Dataset:
+    transform = test_transform(size)
+    if args.dataset == "scenes":
+        from training.datasets.scenes import ScenesDataset
+
+        return ScenesDataset(args.data, split, transform)
+    from training.datasets.pascal import PascalContextMT
+
+    return PascalContextMT(args.data, split, tasks, transform)
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement of the report and return them as one JSON-ready dict."""
+    adaptive_model, adaptive_meta = load_checkpoint(args.adaptive)
+    static_model, _ = load_checkpoint(args.static)
+    adaptive, static = Predictor(adaptive_model), Predictor(static_model)
+    config = adaptive_model.config
+
+    val = _open_split(args, "val", config.img_size, config.tasks)
+    if args.val_limit is not None:
+        val = Subset(val, range(min(args.val_limit, len(val))))
+    train = _open_split(args, "train", config.img_size, config.tasks)
+    count = len(train)
+    calibration = stack_images(Subset(train, range(count - args.calibration_images, count)))
+    loader = eval_loader(val, args.batch_size)
+    logger.info("evaluating on %d val images", len(val))
+
+    results: dict[str, Any] = {"val_images": len(val), "preset": config.name}
+    static_result = evaluate(static, loader, 1.0)
+    results["static"] = _summary(static_result, static_model)
+    baseline = static_result.metrics
+
+    per_budget, tracking = {}, []
+    budget_results: dict[float, EvaluationResult] = {}
+    for budget in sorted(set(args.budgets) | {ADAPTIVITY_BUDGET, args.matched_ratio}):
+        result = evaluate(adaptive, loader, budget)
+        budget_results[budget] = result
+        per_budget[f"{budget:.2f}"] = _summary(
+            result, adaptive_model, {"delta_m": _safe_delta_m(result.metrics, baseline)}
+        )
+        tracking.append({"budget": budget, "achieved": result.mean_flops_ratio})
+        logger.info("budget %.2f: mean FLOPs ratio %.3f", budget, result.mean_flops_ratio)
+    results["adaptive"] = per_budget
+    results["tracking"] = tracking
+
+    at_adaptivity = budget_results[ADAPTIVITY_BUDGET]
+    results["adaptivity"] = {
+        "budget": ADAPTIVITY_BUDGET,
+        **spearman(at_adaptivity.complexity, at_adaptivity.flops),
+        "flops": at_adaptivity.flops,
+        "flops_ratio": at_adaptivity.flops_ratio,
+        "complexity": at_adaptivity.complexity,
+        "static_gflops": static_model.static_flops() / 1e9,
+    }
+
+    results["ablation"] = _ablation(
+        args, adaptive, static, budget_results, loader, calibration, baseline
+    )
+    results["task_selection"] = _task_selection(args, adaptive, val)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    save_masks(adaptive, val, at_adaptivity, ADAPTIVITY_BUDGET, args.out_dir / "masks.npz")
+
+    if args.export is not None:
+        summary = {
+            "static": {k: results["static"][k] for k in ("metrics", "gflops")},
+            "adaptive": {
+                budget: {k: row[k] for k in ("metrics", "gflops", "flops_ratio", "delta_m")}
+                for budget, row in per_budget.items()
+            },
+            "spearman_complexity_flops": results["adaptivity"]["rho"],
+            "val_images": len(val),
+        }
+        save_checkpoint(
+            adaptive_model,
+            args.export,
+            name=f"adamtl-{config.name}",
+            provenance=export_provenance(args, adaptive_meta),
+            metrics=summary,
+        )
+        results["export"] = str(args.export)
+        logger.info("wrote the serving checkpoint %s", args.export)
+    return results
+
+
+def _ablation(args, adaptive, static, budget_results, loader, calibration, baseline) -> dict:
+    """Compare policies at the matched FLOPs ratio (of the static model)."""
+    target = args.matched_ratio
+    rows = []
+    task_aware = budget_results[target]
+    rows.append({"name": "task-aware policy", **_summary(task_aware, adaptive.model)})
+    if args.task_agnostic is not None:
+        agnostic_model, _ = load_checkpoint(args.task_agnostic)
+        result = evaluate(Predictor(agnostic_model), loader, target)
+        rows.append({"name": "task-agnostic policy", **_summary(result, agnostic_model)})
+    for name, predictor in (
+        ("random policy, adaptive model", adaptive),
+        ("random policy, static model", static),
+    ):
+        keep, ratio = search_random_keep(predictor, calibration, target, args.seed)
+        logger.info("%s: keep probability %.3f gives FLOPs ratio %.3f", name, keep, ratio)
+        result = evaluate(predictor, loader, 1.0, random_keep=keep, seed=args.seed)
+        rows.append({"name": name, "random_keep": keep, **_summary(result, predictor.model)})
+    for row in rows:
+        row["delta_m"] = _safe_delta_m(row["metrics"], baseline)
+    return {"target_ratio": target, "rows": rows}
+
+
+def _task_selection(args, adaptive: Predictor, val: Dataset) -> list[dict]:
+    """FLOPs and batch-1 latency with one task against all tasks, at budget 1 and 0.6."""
+    image = val[0]["image"][None]
+    tasks = list(adaptive.tasks)
+    rows = []
+    for budget in (1.0, ADAPTIVITY_BUDGET):
+        for selection in [[task] for task in tasks] + [tasks]:
+            output = adaptive.run(image, budget, selection, compute_outputs=False)
+            rows.append(
+                {
+                    "budget": budget,
+                    "tasks": selection,
+                    "gflops": float(output.stats.flops[0]) / 1e9,
+                    "latency_ms": measure_latency(
+                        adaptive, image, budget, selection, args.latency_repeats
+                    ),
+                }
+            )
+    return rows
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    validate_args(args)
+    torch.set_num_threads(args.threads)
+    results = run_evaluation(args)
+    results["torch_threads"] = args.threads
+    path = args.out_dir / "evaluation.json"
+    path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    logger.info("wrote %s", path)
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main(build_parser().parse_args())

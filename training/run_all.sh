@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Run the whole AdaMTL recipe for one preset: data, the three stages, the task-agnostic
+# ablation, calibration, evaluation, the serving checkpoint and report.md.
+#
+#   training/run_all.sh --preset demo|smoke|swin-t|swin-s|swin-b [--data DIR] [--out DIR]
+#
+# Every stage resumes from its last epoch, so rerunning the same command after an
+# interruption continues where it stopped. docs/training.md describes presets and schedules.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: training/run_all.sh --preset demo|smoke|swin-t|swin-s|swin-b [options]
+
+  --preset NAME              schedule and model preset (required)
+  --data DIR                 dataset root; demo and smoke generate scenes there
+                             (default OUT/data); paper presets need the PASCAL-Context root
+  --out DIR                  run folder (default runs/PRESET)
+  --backbone PATH            ImageNet Swin weights, local file (required for swin-*)
+  --threads N                torch threads per process (default: all cores)
+  --nproc N                  training processes through torchrun (default 1)
+  --seed N                   seed of training and data generation (default 0)
+schedule overrides (defaults depend on the preset):
+  --train-count N --val-count N --calibration-images N --batch-size N
+  --static-epochs N --policy-epochs N --att-epochs N --finetune-epochs N
+  --steps-per-epoch N        cap on batches per epoch in every main stage
+  --agnostic-policy-epochs N --agnostic-att-epochs N --agnostic-finetune-epochs N
+  --agnostic-steps-per-epoch N
+  --lr X --policy-lr X --warmup-steps N
+  --calibration-step X --calibration-tolerance X --latency-repeats N
+EOF
+}
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+PRESET="" DATA="" OUT="" BACKBONE="" NPROC=1 SEED=0
+THREADS="$(nproc)"
+declare -A SET=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --preset) PRESET="$2"; shift 2 ;;
+        --data) DATA="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --backbone) BACKBONE="$2"; shift 2 ;;
+        --threads) THREADS="$2"; shift 2 ;;
+        --nproc) NPROC="$2"; shift 2 ;;
+        --seed) SEED="$2"; shift 2 ;;
+        --train-count|--val-count|--calibration-images|--batch-size|--static-epochs|\
+        --policy-epochs|--att-epochs|--finetune-epochs|--steps-per-epoch|\
+        --agnostic-policy-epochs|--agnostic-att-epochs|--agnostic-finetune-epochs|\
+        --agnostic-steps-per-epoch|--lr|--policy-lr|--warmup-steps|--calibration-step|\
+        --calibration-tolerance|--latency-repeats)
+            [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
+            SET["${1#--}"]="$2"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+# Preset schedules. S holds the defaults; options given on the command line override them.
+declare -A S=(
+    [steps-per-epoch]="" [agnostic-steps-per-epoch]="" [warmup-steps]=100
+    [calibration-step]=0.05 [calibration-tolerance]=0.003 [latency-repeats]=20
+    [lr]=1e-4 [policy-lr]=1e-3
+)
+case "$PRESET" in
+    smoke)
+        MODEL=tiny DATASET=scenes SIZE=64
+        S+=([train-count]=40 [val-count]=16 [calibration-images]=8 [batch-size]=8
+            [static-epochs]=1 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=1
+            [steps-per-epoch]=2 [agnostic-policy-epochs]=1 [agnostic-att-epochs]=0
+            [agnostic-finetune-epochs]=1 [agnostic-steps-per-epoch]=2 [lr]=1e-3
+            [warmup-steps]=2 [calibration-step]=0.1 [calibration-tolerance]=0.02
+            [latency-repeats]=3) ;;
+    demo)
+        # Sized for about 40 minutes on 2 CPU cores at ~20 training images/s (docs/training.md).
+        MODEL=demo DATASET=scenes SIZE=192
+        S+=([train-count]=3000 [val-count]=300 [calibration-images]=64 [batch-size]=16
+            [static-epochs]=5 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=1
+            [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
+            [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200) ;;
+    swin-t|swin-s|swin-b)
+        # The AdaMTL paper's PASCAL-Context schedule: 1000, 80, 150 + 150 epochs.
+        MODEL="$PRESET" DATASET=pascal SIZE=224
+        S+=([train-count]=4998 [val-count]=5105 [calibration-images]=256 [batch-size]=8
+            [static-epochs]=1000 [policy-epochs]=80 [att-epochs]=150 [finetune-epochs]=150
+            [agnostic-policy-epochs]=20 [agnostic-att-epochs]=40 [agnostic-finetune-epochs]=40) ;;
+    "") echo "error: --preset is required" >&2; usage >&2; exit 2 ;;
+    *) echo "error: unknown preset '$PRESET'; use demo, smoke, swin-t, swin-s or swin-b" >&2; exit 2 ;;
+esac
+for key in "${!SET[@]}"; do S[$key]="${SET[$key]}"; done
+
+OUT="${OUT:-$REPO/runs/$PRESET}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+if [[ "$DATASET" == pascal ]]; then
+    [[ -n "$DATA" && -d "$DATA" ]] || { echo "error: --data must name the PASCAL-Context root for $PRESET" >&2; exit 2; }
+    [[ -n "$BACKBONE" && -f "$BACKBONE" ]] || { echo "error: --backbone must name a local ImageNet Swin weights file for $PRESET" >&2; exit 2; }
+fi
+DATA="${DATA:-$OUT/data}"
+LOG="$OUT/run_all.log"
+COMMAND="training/run_all.sh --preset $PRESET --data $DATA --out $OUT"
+exec > >(tee -a "$LOG") 2>&1
+START=$SECONDS
+echo "== run_all: preset $PRESET, model $MODEL, out $OUT, data $DATA, $THREADS threads, $NPROC process(es)"
+
+if [[ "$DATASET" == pascal ]]; then
+    "$PYTHON" - "$PRESET" "${S[static-epochs]}" "${S[policy-epochs]}" "${S[att-epochs]}" \
+        "${S[finetune-epochs]}" "${S[agnostic-policy-epochs]}" "${S[agnostic-att-epochs]}" \
+        "${S[agnostic-finetune-epochs]}" "${S[train-count]}" <<'EOF'
+import sys
+
+preset, *numbers = sys.argv[1:]
+*epochs, images = (int(n) for n in numbers)
+# Training images per second on one V100-class GPU. An estimate, not a measurement: the
+# AdaMTL paper reports 24 to 48 hours for the whole Swin-T recipe, about 60 images/s, and the
+# other backbones are scaled by their FLOPs.
+throughput = {"swin-t": 60.0, "swin-s": 35.0, "swin-b": 20.0}[preset]
+hours = sum(epochs) * images / throughput / 3600
+print(f"== estimate: about {hours:.0f} GPU hours on one V100-class GPU for {sum(epochs)} "
+      f"epochs of {images} images, assuming {throughput:.0f} training images/s")
+EOF
+fi
+
+TRAIN=("$PYTHON" -m training.train)
+if [[ "$NPROC" -gt 1 ]]; then
+    TRAIN=("$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --master_addr=127.0.0.1 --master_port="${MASTER_PORT:-29517}" -m training.train)
+fi
+
+step() { echo "== [$(( SECONDS - START )) s] $*"; }
+
+# 1. Data.
+if [[ "$DATASET" == scenes ]]; then
+    for split in train val; do
+        count="${S[$split-count]}"
+        # Different seeds per split; the generator also mixes the split name into each seed.
+        seed=$SEED
+        [[ "$split" == val ]] && seed=$(( SEED + 1000 ))
+        if [[ -f "$DATA/$split/manifest.json" ]] && "$PYTHON" -c "import json,sys; m=json.load(open(sys.argv[1])); sys.exit(0 if m['count']==int(sys.argv[2]) and m['size']==int(sys.argv[3]) else 1)" "$DATA/$split/manifest.json" "$count" "$SIZE"; then
+            step "data: $DATA/$split exists with $count images, kept"
+            continue
+        fi
+        step "data: rendering $count $split scenes of $SIZE px (seed $seed)"
+        "$PYTHON" -m training.datasets.scenes --out "$DATA" --split "$split" --count "$count" \
+            --size "$SIZE" --seed "$seed" --workers "$(nproc)"
+    done
+fi
+
+COMMON=(--data "$DATA" --dataset "$DATASET" --calibration-images "${S[calibration-images]}"
+        --batch-size "${S[batch-size]}" --threads "$THREADS" --seed "$SEED"
+        --lr "${S[lr]}" --policy-lr "${S[policy-lr]}" --warmup-steps "${S[warmup-steps]}"
+        --calibration-step "${S[calibration-step]}"
+        --calibration-tolerance "${S[calibration-tolerance]}")
+cap() { [[ -n "$1" ]] && echo "--steps-per-epoch $1" || true; }
+
+# 2. The three stages of the task-aware model.
+step "stage 1: static multi-task model"
+STATIC_ARGS=(--stage static --preset "$MODEL" --out "$OUT/task_aware" --epochs "${S[static-epochs]}")
+[[ -n "$BACKBONE" ]] && STATIC_ARGS+=(--backbone "$BACKBONE")
+"${TRAIN[@]}" "${STATIC_ARGS[@]}" "${COMMON[@]}" $(cap "${S[steps-per-epoch]}")
+
+step "stage 2: policy initialisation"
+"${TRAIN[@]}" --stage policy_init --init "$OUT/task_aware/static/model.safetensors" \
+    --out "$OUT/task_aware" --epochs "${S[policy-epochs]}" "${COMMON[@]}" $(cap "${S[steps-per-epoch]}")
+
+step "stage 3: co-training (ATT, fine-tuning) and calibration"
+"${TRAIN[@]}" --stage cotrain --init "$OUT/task_aware/policy_init/model.safetensors" \
+    --out "$OUT/task_aware" --att-epochs "${S[att-epochs]}" \
+    --finetune-epochs "${S[finetune-epochs]}" "${COMMON[@]}" $(cap "${S[steps-per-epoch]}")
+
+# 3. Ablation: a shorter task-agnostic run from the same static model.
+step "ablation: task-agnostic policy (stages 2 and 3)"
+"${TRAIN[@]}" --stage policy_init --init "$OUT/task_aware/static/model.safetensors" \
+    --policy-mode task_agnostic --out "$OUT/task_agnostic" \
+    --epochs "${S[agnostic-policy-epochs]}" "${COMMON[@]}" $(cap "${S[agnostic-steps-per-epoch]}")
+"${TRAIN[@]}" --stage cotrain --init "$OUT/task_agnostic/policy_init/model.safetensors" \
+    --out "$OUT/task_agnostic" --att-epochs "${S[agnostic-att-epochs]}" \
+    --finetune-epochs "${S[agnostic-finetune-epochs]}" "${COMMON[@]}" \
+    $(cap "${S[agnostic-steps-per-epoch]}")
+
+# 4. Evaluation on val, the serving checkpoint and the report.
+step "evaluation on the val split and export"
+"$PYTHON" -m training.evaluate \
+    --adaptive "$OUT/task_aware/cotrain/model.safetensors" \
+    --static "$OUT/task_aware/static/model.safetensors" \
+    --task-agnostic "$OUT/task_agnostic/cotrain/model.safetensors" \
+    --data "$DATA" --dataset "$DATASET" --calibration-images "${S[calibration-images]}" \
+    --batch-size "${S[batch-size]}" --threads "$THREADS" --seed "$SEED" \
+    --latency-repeats "${S[latency-repeats]}" --out-dir "$OUT" \
+    --export "$OUT/adamtl-$PRESET.safetensors" --run-command "$COMMAND"
+
+step "report"
+"$PYTHON" -m training.report --evaluation "$OUT/evaluation.json" --title "AdaMTL, preset $PRESET"
+step "done: $OUT/report.md and $OUT/adamtl-$PRESET.safetensors"

@@ -1,0 +1,648 @@
+"""The three stages of the AdaMTL recipe, sharing one skeleton.
+
+1. `static`: the multi-task model at budget 1 (policies bypassed), loss = weighted sum of the
+   task losses; encoder and heads train.
+2. `policy_init`: encoder and heads frozen (batch norm in eval mode), only the policies train,
+   with loss = sum over blocks of (1 - mean block mask) + sum over blocks of (1 - mean token
+   mask), at budgets drawn below 1 so that the policy path runs. The adaptive model then
+   starts out executing everything, like the static one.
+3. `cotrain`: Alternating Task Training (epoch i trains task tasks[i mod T] alone: its head,
+   its policy sub-network, the shared encoder and the shared policy layers), then end-to-end
+   fine-tuning of everything, each with task loss + alpha * efficiency loss at a budget drawn
+   per batch. The budget table is calibrated on held-out training images at the end.
+
+Each stage writes into RUN/STAGE: `state.pt` (weights, optimizer, scheduler, epoch, RNG
+state; rewritten after every epoch and read back to resume), `metrics.jsonl` (one record per
+epoch), `config.json` (the resolved configuration), `train.log` and, when done,
+`model.safetensors`, the input of the next stage. All randomness of an epoch (shuffling,
+augmentation, budgets, Gumbel noise) is drawn from generators seeded with (seed, epoch,
+rank), so a resumed run repeats the epochs an uninterrupted run would have run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from model_core.calibration import calibrate, default_budget_grid
+from model_core.checkpoint import load_checkpoint, save_checkpoint
+from model_core.encoder import load_backbone_weights
+from model_core.model import AdaMTL
+from model_core.policy import budget_targets
+from model_core.predictor import Predictor
+from model_core.presets import ModelConfig, get_preset
+from training.datasets.common import collate_samples
+from training.datasets.transforms import test_transform, train_transform
+from training.engine import (
+    DistributedContext,
+    ProgressReporter,
+    StepResult,
+    evaluate,
+    git_commit,
+    train_one_epoch,
+    unwrap,
+    wrap_model,
+)
+from training.losses import MultiTaskLoss, efficiency_loss
+
+__all__ = [
+    "FIXED_SETTINGS",
+    "STAGES",
+    "StageData",
+    "build_data",
+    "build_model",
+    "run_stage",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("static", "policy_init", "cotrain")
+
+# The AdaMTL paper's fixed budget settings as (block target, token target): H keeps 90 % of
+# the blocks and 60 % of the tokens, L keeps 50 % of each.
+FIXED_SETTINGS: dict[str, tuple[float, float]] = {"H": (0.9, 0.6), "L": (0.5, 0.5)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class StageData:
+    """Datasets of a run.
+
+    Attributes:
+        train: training images (augmented), without the calibration slice.
+        calibration: the last `calibration_images` images of the train split, not augmented,
+            never trained on and never used for evaluation.
+        val: the evaluation split, not augmented.
+        name: dataset description for provenance.
+    """
+
+    train: Dataset
+    calibration: Dataset
+    val: Dataset
+    name: str
+
+
+def _open_split(args: argparse.Namespace, split: str, transform: Any, tasks: Sequence[str]):
+    if args.dataset == "scenes":
+        from training.datasets.scenes import ScenesDataset
+
+        return ScenesDataset(args.data, split, transform)
+    from training.datasets.pascal import PascalContextMT
+
+    return PascalContextMT(args.data, split, tasks, transform)
+
+
+def build_data(args: argparse.Namespace, config: ModelConfig) -> StageData:
+    """Open the train split (minus the calibration slice), the calibration slice and val."""
+    size = config.img_size
+    # The transform's generator is replaced at the start of every epoch (see `_epoch_loader`).
+    train_full = _open_split(args, "train", train_transform(size, args.seed), config.tasks)
+    plain_train = _open_split(args, "train", test_transform(size), config.tasks)
+    val = _open_split(args, "val", test_transform(size), config.tasks)
+    count = len(train_full)
+    held_out = args.calibration_images
+    if held_out >= count:
+        raise ValueError(
+            f"--calibration-images {held_out} leaves no training image out of {count}; "
+            "lower it or generate more training images"
+        )
+    train = Subset(train_full, range(count - held_out))
+    calibration = Subset(plain_train, range(count - held_out, count))
+    return StageData(
+        train=train, calibration=calibration, val=val, name=f"{args.dataset}:{args.data}"
+    )
+
+
+def _epoch_loader(
+    dataset: Subset, args: argparse.Namespace, context: DistributedContext, epoch: int
+) -> DataLoader:
+    """Build the training loader of `epoch`, with shuffling and augmentation seeded by it."""
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=context.world_size,
+        rank=context.rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+    )
+    sampler.set_epoch(epoch)
+    transform = dataset.dataset.transform
+    seed = (args.seed, epoch, context.rank)
+
+    def reseed_worker(worker_id: int) -> None:
+        transform.reseed((*seed, worker_id + 1))
+
+    transform.reseed((*seed, 0))
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        collate_fn=collate_samples,
+        worker_init_fn=reseed_worker,
+        drop_last=True,
+    )
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
+    """Build an ordered loader for evaluation."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_samples,
+    )
+
+
+def stack_images(dataset: Dataset) -> torch.Tensor:
+    """Stack every image of `dataset` into one (N, 3, S, S) tensor."""
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def _adapt_flags(adapt: str) -> tuple[bool, bool]:
+    return {"both": (True, True), "blocks": (True, False), "tokens": (False, True)}[adapt]
+
+
+def build_model(args: argparse.Namespace) -> tuple[AdaMTL, dict[str, Any]]:
+    """Build the stage's model: from the preset (static) or from the previous stage (--init).
+
+    With --init, the encoder and heads come from that checkpoint. Its policies are loaded too
+    when their shapes match the requested policy mode and adaptation flags; otherwise the
+    policies keep their fresh initialisation (e.g. the task-agnostic ablation starting from
+    the static model, whose policies were never trained anyway).
+
+    Returns:
+        (model, metadata of the --init checkpoint or {}).
+    """
+    adapt_blocks, adapt_tokens = _adapt_flags(args.adapt)
+    if args.init is None:
+        overrides = {}
+        if args.policy_mode is not None:
+            overrides["policy_mode"] = args.policy_mode
+        config = get_preset(args.preset, **overrides)
+        torch.manual_seed(args.seed)
+        model = AdaMTL(config, adapt_blocks=adapt_blocks, adapt_tokens=adapt_tokens)
+        if args.backbone is not None:
+            load_backbone_weights(model.encoder, args.backbone)
+            logger.info("loaded ImageNet backbone weights from %s", args.backbone)
+        return model, {}
+
+    source, metadata = load_checkpoint(args.init)
+    data = source.config.to_dict()
+    if args.policy_mode is not None:
+        data["policy_mode"] = args.policy_mode
+    config = ModelConfig.from_dict(data)
+    torch.manual_seed(args.seed)
+    model = AdaMTL(config, adapt_blocks=adapt_blocks, adapt_tokens=adapt_tokens)
+    target = model.state_dict()
+    loaded, fresh = {}, []
+    for name, tensor in source.state_dict().items():
+        if name in target and target[name].shape == tensor.shape:
+            loaded[name] = tensor
+        elif name.startswith("policies."):
+            fresh.append(name)
+        else:
+            raise ValueError(f"--init {args.init}: tensor {name} does not fit the requested model")
+    missing = [name for name in target if name not in loaded and not name.startswith("policies.")]
+    if missing:
+        raise ValueError(f"--init {args.init} lacks tensors {missing[:8]}")
+    model.load_state_dict(loaded, strict=False)
+    if fresh or any(name not in loaded for name in target):
+        logger.info("policies not taken from %s keep their initialisation", args.init)
+    return model, metadata
+
+
+def _set_trainable(module: nn.Module, trainable: bool) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(trainable)
+
+
+class FrozenPolicySlices:
+    """Keep the output rows of every task sub-network except one fixed across optimizer steps.
+
+    The policy output layers `block_out` and `token_out` have weight rows laid out as
+    (depth, num_tasks) over the hidden units, so row d * T + t belongs to task t. The other
+    tasks' rows already receive zero gradient when only the focus task is requested, but
+    Adam's moment estimates and weight decay would still move them, so `restore` writes their
+    values back after each step.
+    """
+
+    def __init__(self, model: AdaMTL, focus: int) -> None:
+        self.saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        num_tasks = len(model.config.tasks)
+        for policy in model.policies:
+            for name in ("block_out", "token_out"):
+                layer = getattr(policy, name, None)
+                if layer is None:
+                    continue
+                frozen = torch.arange(layer.out_features, device=layer.weight.device) % num_tasks
+                frozen = frozen != focus
+                for tensor in (layer.weight, layer.bias):
+                    self.saved.append((tensor, frozen, tensor.detach()[frozen].clone()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, rows, values in self.saved:
+            tensor[rows] = values
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss functions of the stages
+
+
+def _budget_generator(args: argparse.Namespace, epoch: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash_seed(args.seed, epoch, rank, 17))
+
+
+def hash_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (deterministic across processes and runs)."""
+    value = 1469598103934665603
+    for part in parts:
+        value = ((value ^ (part & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return value
+
+
+def draw_budget(
+    args: argparse.Namespace, config: ModelConfig, generator: torch.Generator
+) -> tuple[float, float, float]:
+    """Return (budget passed to the model, block target, token target) for one batch.
+
+    Without --setting the budget is uniform in [min_budget, 1) and the targets follow from
+    `budget_targets`. With --setting H or L the targets are fixed and the model receives
+    their product, the FLOPs ratio they imply, clamped to [min_budget, 0.99].
+    """
+    if args.setting is not None:
+        block_target, token_target = FIXED_SETTINGS[args.setting]
+        budget = min(max(block_target * token_target, config.min_budget), 0.99)
+        return budget, block_target, token_target
+    budget = sample_budget(config, generator)
+    block_target, token_target = budget_targets(torch.tensor(budget))
+    return budget, float(block_target), float(token_target)
+
+
+def sample_budget(config: ModelConfig, generator: torch.Generator) -> float:
+    """Draw a budget uniformly from [min_budget, 1)."""
+    low = config.min_budget
+    return low + (1.0 - low) * float(torch.rand((), generator=generator))
+
+
+def _model_noise(args: argparse.Namespace, epoch: int, rank: int, device: torch.device):
+    return torch.Generator(device=device).manual_seed(hash_seed(args.seed, epoch, rank, 29))
+
+
+def static_loss(criterion: MultiTaskLoss):
+    def compute(model: nn.Module, batch: dict[str, Any]) -> StepResult:
+        output = model(batch["image"], 1.0)
+        total, losses = criterion(output.outputs, batch)
+        return StepResult(loss=total, terms=dict(losses))
+
+    return compute
+
+
+def policy_init_loss(config: ModelConfig, budget_rng: torch.Generator, noise: torch.Generator):
+    def compute(model: nn.Module, batch: dict[str, Any]) -> StepResult:
+        budget = sample_budget(config, budget_rng)
+        output = model(batch["image"], budget, generator=noise, compute_outputs=False)
+        stats = output.stats
+        block_term = (1.0 - stats.block_keep.mean(dim=0)).sum()
+        token_term = (1.0 - stats.token_keep.mean(dim=0)).sum()
+        return StepResult(
+            loss=block_term + token_term,
+            terms={"block_masks": block_term, "token_masks": token_term},
+            stats={
+                "kept_blocks": float(stats.block_keep.detach().mean()),
+                "kept_tokens": float(stats.tokens_ratio.mean()),
+            },
+        )
+
+    return compute
+
+
+def cotrain_loss(args, config, criterion, tasks, widths, budget_rng, noise):
+    def compute(model: nn.Module, batch: dict[str, Any]) -> StepResult:
+        budget, block_target, token_target = draw_budget(args, config, budget_rng)
+        output = model(batch["image"], budget, tasks, generator=noise)
+        task_total, losses = criterion(output.outputs, batch)
+        stats = output.stats
+        efficiency, parts = efficiency_loss(
+            stats.block_keep, stats.token_keep, widths, block_target, token_target
+        )
+        return StepResult(
+            loss=task_total + args.alpha * efficiency,
+            terms={**losses, "efficiency": efficiency},
+            stats={
+                "budget": budget,
+                "flops_ratio": float(stats.flops_ratio.mean()),
+                "kept_blocks": float(stats.block_keep.detach().mean()),
+                "kept_tokens": float(stats.tokens_ratio.mean()),
+            },
+        )
+
+    return compute
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def build_optimizer(model: AdaMTL, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW with --lr for encoder and heads, --policy-lr for the policies, and weight decay
+    on matrices only."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        lr = args.policy_lr if name.startswith("policies.") else args.lr
+        decay = args.weight_decay if parameter.ndim >= 2 else 0.0
+        groups.setdefault((lr, decay), []).append(parameter)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": lr, "weight_decay": decay}
+            for (lr, decay), params in groups.items()
+        ]
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base rates, then cosine decay to 1 % of them."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage skeleton
+
+
+def _stage_epochs(args: argparse.Namespace) -> int:
+    if args.stage == "cotrain":
+        return args.att_epochs + args.finetune_epochs
+    return args.epochs
+
+
+def _steps_per_epoch(args: argparse.Namespace, train_size: int, world_size: int) -> int:
+    steps = (train_size // world_size) // args.batch_size
+    if args.steps_per_epoch is not None:
+        steps = min(steps, args.steps_per_epoch)
+    return steps
+
+
+def _save_state(path: Path, model: AdaMTL, optimizer, scheduler, epoch: int, args) -> None:
+    state = {
+        "stage": args.stage,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "config": model.config.to_dict(),
+    }
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
+def _load_state(path: Path, model: AdaMTL, optimizer, scheduler, args) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("stage") != args.stage:
+        raise ValueError(f"{path} belongs to stage {state.get('stage')!r}, not {args.stage!r}")
+    if state["config"] != model.config.to_dict():
+        raise ValueError(
+            f"{path} was written for another model configuration; use a new --out or --restart"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"])
+
+
+def _configure_logging(stage_dir: Path, is_main: bool) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    if is_main:
+        handler = logging.FileHandler(stage_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        root.addHandler(handler)
+
+
+def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[str, Any]:
+    """Describe how a checkpoint was produced: command, preset, seed, data, commit, schedule."""
+    return {
+        "command": " ".join([Path(sys.executable).name, "-m", "training.train", *sys.argv[1:]]),
+        "stage": args.stage,
+        "preset": args.preset,
+        "seed": args.seed,
+        "dataset": data_name,
+        "git_commit": commit,
+        "init": None if args.init is None else str(args.init),
+        "schedule": {
+            "epochs": _stage_epochs(args),
+            "att_epochs": args.att_epochs if args.stage == "cotrain" else None,
+            "finetune_epochs": args.finetune_epochs if args.stage == "cotrain" else None,
+            "steps_per_epoch": args.steps_per_epoch,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "policy_lr": args.policy_lr,
+            "alpha": args.alpha,
+            "setting": args.setting,
+            "policy_mode": args.policy_mode,
+            "adapt": args.adapt,
+        },
+    }
+
+
+def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
+    """Run (or resume) one stage and return the path of its exported checkpoint."""
+    stage_dir = Path(args.out) / args.stage
+    if context.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    context.barrier()
+    _configure_logging(stage_dir, context.is_main)
+
+    model, _ = build_model(args)
+    model.to(context.device)
+    data = build_data(args, model.config)
+    commit = git_commit()
+    resolved = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "model": model.config.to_dict(),
+        "adapt_blocks": model.adapt_blocks,
+        "adapt_tokens": model.adapt_tokens,
+        "world_size": context.world_size,
+        "device": str(context.device),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": commit,
+        "train_images": len(data.train),
+        "calibration_images": len(data.calibration),
+        "val_images": len(data.val),
+    }
+    if context.is_main:
+        logger.info("resolved configuration: %s", json.dumps(resolved))
+        logger.info("git commit: %s", commit)
+        (stage_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+
+    total_epochs = _stage_epochs(args)
+    steps = _steps_per_epoch(args, len(data.train), context.world_size)
+    if steps < 1:
+        raise ValueError(
+            f"{len(data.train)} training images over {context.world_size} processes give no "
+            f"batch of {args.batch_size}; lower --batch-size"
+        )
+    optimizer = build_optimizer(model, args)
+    warmup = min(args.warmup_steps, total_epochs * steps // 2)
+    scheduler = build_scheduler(optimizer, total_epochs * steps, warmup)
+
+    state_path = stage_dir / "state.pt"
+    start_epoch = 0
+    if state_path.is_file() and not args.restart:
+        start_epoch = _load_state(state_path, model, optimizer, scheduler, args)
+        logger.info("resumed %s from %s after epoch %d", args.stage, state_path, start_epoch)
+    elif args.resume:
+        raise FileNotFoundError(f"--resume given but {state_path} does not exist")
+
+    reporter = ProgressReporter(
+        args.stage,
+        total_epochs,
+        steps,
+        stage_dir / "metrics.jsonl" if context.is_main else None,
+        log_every=args.log_every,
+        is_main=context.is_main,
+    )
+    criterion = MultiTaskLoss(model.config.tasks)
+    widths = [cost["dim"] for cost in model._static_costs["blocks"]]
+    tasks = list(model.config.tasks)
+
+    for epoch in range(start_epoch, total_epochs):
+        budget_rng = _budget_generator(args, epoch, context.rank)
+        noise = _model_noise(args, epoch, context.rank, context.device)
+        after_step = None
+        record: dict[str, Any] = {}
+        model.train()
+        if args.stage == "static":
+            _set_trainable(model, True)
+            _set_trainable(model.policies, False)
+            loss_function = static_loss(criterion)
+        elif args.stage == "policy_init":
+            _set_trainable(model, False)
+            _set_trainable(model.policies, True)
+            model.encoder.eval()
+            model.heads.eval()
+            loss_function = policy_init_loss(model.config, budget_rng, noise)
+        else:
+            _set_trainable(model, True)
+            if epoch < args.att_epochs:
+                focus = epoch % len(tasks)
+                record["focus_task"] = tasks[focus]
+                for index, name in enumerate(tasks):
+                    _set_trainable(model.heads[name], index == focus)
+                if model.config.policy_mode == "task_aware":
+                    after_step = FrozenPolicySlices(model, focus).restore
+                epoch_tasks = [tasks[focus]]
+                epoch_criterion = MultiTaskLoss(epoch_tasks)
+            else:
+                record["focus_task"] = "all"
+                epoch_tasks, epoch_criterion = None, criterion
+            loss_function = cotrain_loss(
+                args, model.config, epoch_criterion, epoch_tasks, widths, budget_rng, noise
+            )
+
+        wrapped = wrap_model(model, context)
+        loader = _epoch_loader(data.train, args, context, epoch)
+        summary = train_one_epoch(
+            wrapped,
+            loader,
+            optimizer,
+            scheduler,
+            loss_function,
+            reporter,
+            epoch,
+            device=context.device,
+            grad_clip=args.grad_clip,
+            max_steps=steps,
+            after_step=after_step,
+        )
+        record.update(summary)
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and context.is_main:
+            record["val"] = _quick_eval(model, data, args)
+        reporter.log_epoch(record)
+        if context.is_main:
+            _save_state(state_path, unwrap(wrapped), optimizer, scheduler, epoch + 1, args)
+        context.barrier()
+
+    model.eval()
+    if args.stage == "cotrain":
+        _calibrate(model, data, args)
+    checkpoint_path = stage_dir / "model.safetensors"
+    if context.is_main:
+        save_checkpoint(
+            model,
+            checkpoint_path,
+            name=f"adamtl-{model.config.name}-{args.stage}",
+            provenance=provenance(args, data.name, commit),
+            metrics={"final_epoch": _last_record(stage_dir / "metrics.jsonl")},
+        )
+        logger.info("wrote %s", checkpoint_path)
+    context.barrier()
+    return checkpoint_path
+
+
+def _last_record(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _quick_eval(model: AdaMTL, data: StageData, args: argparse.Namespace) -> dict[str, Any]:
+    budget = 1.0 if args.stage == "static" else max(0.6, model.config.min_budget)
+    result = evaluate(Predictor(model), eval_loader(data.val, args.batch_size), budget)
+    model.train()
+    return {"budget": budget, "metrics": result.metrics, "flops_ratio": result.mean_flops_ratio}
+
+
+def _calibrate(model: AdaMTL, data: StageData, args: argparse.Namespace) -> None:
+    """Fill the budget table on the held-out calibration slice of the train split."""
+    start = time.perf_counter()
+    images = stack_images(data.calibration).to(next(model.parameters()).device)
+    grid = default_budget_grid(model.config.min_budget, args.calibration_step)
+    table = calibrate(
+        model,
+        images,
+        budgets=grid,
+        tolerance=args.calibration_tolerance,
+        batch_size=args.batch_size,
+    )
+    logger.info(
+        "calibrated %d budgets on %d held-out training images in %.1f s: achieved %s",
+        len(grid), images.shape[0], time.perf_counter() - start,
+        [round(value, 3) for value in table["achieved"]],
+    )  # fmt: skip
