@@ -1,6 +1,6 @@
 """Checkpoints: one `.safetensors` file with the weights and JSON metadata.
 
-The metadata entry "adamtl" holds a JSON object with the format version, the model
+The metadata entry "adamtl" contains a JSON object with the format version, the model
 configuration, the ablation flags, the calibration table, the provenance (dataset, recipe,
 command, seed, git commit) and the evaluation metrics. Loading never unpickles.
 """

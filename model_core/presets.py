@@ -43,8 +43,8 @@ class ModelConfig:
 
     Attributes:
         name: Preset name the configuration came from.
-        img_size: Square model input size in pixels; must be a multiple of 32 times the window
-            arithmetic below allows (each stage resolution a multiple of its window, or smaller).
+        img_size: Square model input side in pixels, a multiple of 32. Each stage resolution
+            (img_size / 4, / 8, / 16, / 32) must be a multiple of the window or smaller than it.
         embed_dim: Channels of stage 1; stage i has embed_dim * 2**i.
         depths: Swin blocks per stage.
         num_heads: Attention heads per stage.
@@ -155,7 +155,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
         classes=_SCENE_CLASSES, decoder_width=16, head_stride=8, policy_hidden=8, min_budget=0.3,
     ),
-    # The paper's backbones (Swin-T/S/B of the Swin Transformer release).
+    # Swin-T, Swin-S and Swin-B of the Swin Transformer release, the backbones AdaMTL reports.
     "swin-t": dict(
         img_size=224, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
         classes=_PASCAL_CLASSES, decoder_width=64, head_stride=8, policy_hidden=32,

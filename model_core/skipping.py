@@ -196,7 +196,7 @@ def run_block_masked(
     shift_mask = _shift_mask(block)
     if shift_mask is not None:
         bias = bias + shift_mask.repeat(batch, 1, 1).unsqueeze(1)  # (B*nW, heads, A, A)
-    # A skipped query still sees itself, so no softmax row is empty; its output is discarded.
+    # A skipped query attends to itself, so no softmax row is empty. Its output is discarded.
     allowed = key_valid[:, None, None, :] | torch.eye(area, dtype=torch.bool, device=x.device)
     bias = bias.expand(windows.shape[0], attn.num_heads, area, area).masked_fill(
         ~allowed, float("-inf")
