@@ -33,6 +33,7 @@ from training.metrics import MultiTaskEvaluator
 __all__ = [
     "DistributedContext",
     "EvaluationResult",
+    "LossFunction",
     "NonFiniteLossError",
     "ProgressReporter",
     "StepResult",

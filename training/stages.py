@@ -27,7 +27,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from training.datasets.common import collate_samples
 from training.datasets.transforms import test_transform, train_transform
 from training.engine import (
     DistributedContext,
+    LossFunction,
     ProgressReporter,
     StepResult,
     evaluate,
@@ -60,9 +61,11 @@ from training.losses import MultiTaskLoss, efficiency_loss
 __all__ = [
     "FIXED_SETTINGS",
     "STAGES",
+    "EpochPlan",
     "StageData",
     "build_data",
     "build_model",
+    "prepare_epoch",
     "run_stage",
 ]
 
@@ -344,8 +347,13 @@ def cotrain_loss(args, config, criterion, tasks, widths, budget_rng, noise):
         output = model(batch["image"], budget, tasks, generator=noise)
         task_total, losses = criterion(output.outputs, batch)
         stats = output.stats
-        efficiency, parts = efficiency_loss(
-            stats.block_keep, stats.token_keep, widths, block_target, token_target
+        efficiency, _ = efficiency_loss(
+            stats.block_keep,
+            stats.token_keep,
+            widths,
+            block_target,
+            token_target,
+            batch_mean=not args.per_image_efficiency,
         )
         return StepResult(
             loss=task_total + args.alpha * efficiency,
@@ -395,6 +403,63 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass
+class EpochPlan:
+    """What one epoch trains: its loss function, a hook after each optimizer step, and the
+    focus task of an Alternating Task Training epoch (None otherwise)."""
+
+    loss_function: LossFunction
+    after_step: Callable[[], None] | None = None
+    focus_task: str | None = None
+
+
+def prepare_epoch(
+    model: AdaMTL, args: argparse.Namespace, epoch: int, context: DistributedContext
+) -> EpochPlan:
+    """Set train/eval modes and trainable parameters for `epoch` and return its plan.
+
+    Static: everything but the policies trains. Policy initialisation: only the policies
+    train, and encoder and heads stay in eval mode, so batch norm statistics do not move.
+    Co-training epochs below --att-epochs are Alternating Task Training epochs: only the focus
+    task is requested, so only its head runs, the other heads are frozen, and the other
+    tasks' output rows of the policies are restored after every step. The shared encoder and
+    the policies' shared first layers train with the focus task.
+    """
+    budget_rng = _budget_generator(args, epoch, context.rank)
+    noise = _model_noise(args, epoch, context.rank, context.device)
+    tasks = list(model.config.tasks)
+    widths = [cost["dim"] for cost in model._static_costs["blocks"]]
+    model.train()
+    if args.stage == "static":
+        _set_trainable(model, True)
+        _set_trainable(model.policies, False)
+        return EpochPlan(static_loss(MultiTaskLoss(tasks)))
+    if args.stage == "policy_init":
+        _set_trainable(model, False)
+        _set_trainable(model.policies, True)
+        model.encoder.eval()
+        model.heads.eval()
+        return EpochPlan(policy_init_loss(model.config, budget_rng, noise))
+
+    _set_trainable(model, True)
+    if epoch >= args.att_epochs:
+        loss_function = cotrain_loss(
+            args, model.config, MultiTaskLoss(tasks), None, widths, budget_rng, noise
+        )
+        return EpochPlan(loss_function, focus_task="all")
+    focus = epoch % len(tasks)
+    for index, name in enumerate(tasks):
+        _set_trainable(model.heads[name], index == focus)
+    after_step = None
+    if model.config.policy_mode == "task_aware":
+        after_step = FrozenPolicySlices(model, focus).restore
+    focus_tasks = [tasks[focus]]
+    loss_function = cotrain_loss(
+        args, model.config, MultiTaskLoss(focus_tasks), focus_tasks, widths, budget_rng, noise
+    )
+    return EpochPlan(loss_function, after_step, tasks[focus])
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage skeleton
 
@@ -442,15 +507,26 @@ def _load_state(path: Path, model: AdaMTL, optimizer, scheduler, args) -> int:
     return int(state["epoch"])
 
 
+_stage_log_handler: logging.Handler | None = None
+
+
 def _configure_logging(stage_dir: Path, is_main: bool) -> None:
+    """Log INFO to stderr and to STAGE/train.log on rank 0, WARNING only on other ranks."""
+    global _stage_log_handler
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     root.setLevel(logging.INFO if is_main else logging.WARNING)
+    if _stage_log_handler is not None:
+        # A second stage in the same process logs to its own file only.
+        root.removeHandler(_stage_log_handler)
+        _stage_log_handler.close()
+        _stage_log_handler = None
     if is_main:
         handler = logging.FileHandler(stage_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
+        _stage_log_handler = handler
 
 
 def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[str, Any]:
@@ -536,44 +612,8 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
         log_every=args.log_every,
         is_main=context.is_main,
     )
-    criterion = MultiTaskLoss(model.config.tasks)
-    widths = [cost["dim"] for cost in model._static_costs["blocks"]]
-    tasks = list(model.config.tasks)
-
     for epoch in range(start_epoch, total_epochs):
-        budget_rng = _budget_generator(args, epoch, context.rank)
-        noise = _model_noise(args, epoch, context.rank, context.device)
-        after_step = None
-        record: dict[str, Any] = {}
-        model.train()
-        if args.stage == "static":
-            _set_trainable(model, True)
-            _set_trainable(model.policies, False)
-            loss_function = static_loss(criterion)
-        elif args.stage == "policy_init":
-            _set_trainable(model, False)
-            _set_trainable(model.policies, True)
-            model.encoder.eval()
-            model.heads.eval()
-            loss_function = policy_init_loss(model.config, budget_rng, noise)
-        else:
-            _set_trainable(model, True)
-            if epoch < args.att_epochs:
-                focus = epoch % len(tasks)
-                record["focus_task"] = tasks[focus]
-                for index, name in enumerate(tasks):
-                    _set_trainable(model.heads[name], index == focus)
-                if model.config.policy_mode == "task_aware":
-                    after_step = FrozenPolicySlices(model, focus).restore
-                epoch_tasks = [tasks[focus]]
-                epoch_criterion = MultiTaskLoss(epoch_tasks)
-            else:
-                record["focus_task"] = "all"
-                epoch_tasks, epoch_criterion = None, criterion
-            loss_function = cotrain_loss(
-                args, model.config, epoch_criterion, epoch_tasks, widths, budget_rng, noise
-            )
-
+        plan = prepare_epoch(model, args, epoch, context)
         wrapped = wrap_model(model, context)
         loader = _epoch_loader(data.train, args, context, epoch)
         summary = train_one_epoch(
@@ -581,14 +621,15 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
             loader,
             optimizer,
             scheduler,
-            loss_function,
+            plan.loss_function,
             reporter,
             epoch,
             device=context.device,
             grad_clip=args.grad_clip,
             max_steps=steps,
-            after_step=after_step,
+            after_step=plan.after_step,
         )
+        record = {"focus_task": plan.focus_task} if plan.focus_task else {}
         record.update(summary)
         record["lr"] = optimizer.param_groups[0]["lr"]
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and context.is_main:

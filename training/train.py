@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens, L = 50 %% and 50 %%",
     )
     budget.add_argument(
+        "--per-image-efficiency",
+        action="store_true",
+        help="compare each image's kept ratios with the targets; by default the batch means "
+        "are compared, so images may spend more or less by content",
+    )
+    budget.add_argument(
         "--calibration-step",
         type=float,
         default=0.05,
