@@ -191,7 +191,7 @@ def _safe_delta_m(metrics: dict, baseline: dict) -> float | None:
 
 
 def spearman(complexity: list, flops: list) -> dict[str, Any]:
-    """Spearman correlation between per-image complexity scores and per-image FLOPs."""
+    """Compute the Spearman correlation between per-image complexity scores and FLOPs."""
     from scipy.stats import spearmanr
 
     pairs = [(c, f) for c, f in zip(complexity, flops, strict=True) if c is not None]
@@ -384,7 +384,7 @@ def _ablation(args, adaptive, static, budget_results, loader, calibration, basel
 
 
 def _task_selection(args, adaptive: Predictor, val: Dataset) -> list[dict]:
-    """FLOPs and batch-1 latency with one task against all tasks, at budget 1 and 0.6."""
+    """Measure FLOPs and batch-1 latency with one task against all tasks, at budgets 1 and 0.6."""
     image = val[0]["image"][None]
     tasks = list(adaptive.tasks)
     rows = []

@@ -17,7 +17,7 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")  # files only; no display is needed or assumed
+matplotlib.use("Agg")  # the report writes image files, so no display is needed
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 TABLE_BUDGETS: tuple[str, ...] = ("1.00", "0.80", "0.60", "0.40")
 
-# Column label of each task's primary metric, in Table 1 order.
+# Column label of each task's primary metric, in the column order of the AdaMTL paper's Table 1.
 TASK_COLUMNS: dict[str, str] = {
     "saliency": "Sal maxF ↑",
     "human_parts": "Parts mIoU ↑",

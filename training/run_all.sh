@@ -21,7 +21,7 @@ usage: training/run_all.sh --preset demo|smoke|swin-t|swin-s|swin-b [options]
   --nproc N                  training processes through torchrun (default 1)
   --seed N                   seed of training and data generation (default 0)
 schedule overrides (defaults depend on the preset):
-  --train-count N --val-count N --calibration-images N --batch-size N
+  --train-count N --val-count N --calibration-images N --batch-size N --workers N
   --static-epochs N --policy-epochs N --att-epochs N --finetune-epochs N
   --steps-per-epoch N        cap on batches per epoch in every main stage
   --agnostic-policy-epochs N --agnostic-att-epochs N --agnostic-finetune-epochs N
@@ -48,7 +48,7 @@ while [[ $# -gt 0 ]]; do
         --threads) THREADS="$2"; shift 2 ;;
         --nproc) NPROC="$2"; shift 2 ;;
         --seed) SEED="$2"; shift 2 ;;
-        --train-count|--val-count|--calibration-images|--batch-size|--static-epochs|\
+        --train-count|--val-count|--calibration-images|--batch-size|--workers|--static-epochs|\
         --policy-epochs|--att-epochs|--finetune-epochs|--steps-per-epoch|\
         --agnostic-policy-epochs|--agnostic-att-epochs|--agnostic-finetune-epochs|\
         --agnostic-steps-per-epoch|--lr|--policy-lr|--warmup-steps|--calibration-step|\
@@ -60,11 +60,11 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-# Preset schedules. S holds the defaults; options given on the command line override them.
+# Preset schedules. S contains the defaults, and options given on the command line override them.
 declare -A S=(
     [steps-per-epoch]="" [agnostic-steps-per-epoch]="" [warmup-steps]=100
     [calibration-step]=0.05 [calibration-tolerance]=0.003 [latency-repeats]=20
-    [lr]=1e-4 [policy-lr]=1e-3
+    [lr]=1e-4 [policy-lr]=1e-3 [workers]=0
 )
 case "$PRESET" in
     smoke)
@@ -76,16 +76,18 @@ case "$PRESET" in
             [warmup-steps]=2 [calibration-step]=0.1 [calibration-tolerance]=0.02
             [latency-repeats]=3) ;;
     demo)
-        # Sized for about 40 minutes on 2 CPU cores at ~20 training images/s (docs/training.md).
+        # Sized for about 40 minutes on 2 idle CPU cores; docs/training.md has the arithmetic.
         MODEL=demo DATASET=scenes SIZE=192
-        S+=([train-count]=3000 [val-count]=300 [calibration-images]=64 [batch-size]=16
-            [static-epochs]=5 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=1
+        S+=([train-count]=2400 [val-count]=300 [calibration-images]=64 [batch-size]=16
+            [workers]=1 [static-epochs]=4 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=1
             [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
-            [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200) ;;
+            [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200
+            [calibration-step]=0.1 [calibration-tolerance]=0.005) ;;
     swin-t|swin-s|swin-b)
         # The AdaMTL paper's PASCAL-Context schedule: 1000, 80, 150 + 150 epochs.
         MODEL="$PRESET" DATASET=pascal SIZE=224
         S+=([train-count]=4998 [val-count]=5105 [calibration-images]=256 [batch-size]=8
+            [workers]=4
             [static-epochs]=1000 [policy-epochs]=80 [att-epochs]=150 [finetune-epochs]=150
             [agnostic-policy-epochs]=20 [agnostic-att-epochs]=40 [agnostic-finetune-epochs]=40) ;;
     "") echo "error: --preset is required" >&2; usage >&2; exit 2 ;;
@@ -150,8 +152,8 @@ if [[ "$DATASET" == scenes ]]; then
 fi
 
 COMMON=(--data "$DATA" --dataset "$DATASET" --calibration-images "${S[calibration-images]}"
-        --batch-size "${S[batch-size]}" --threads "$THREADS" --seed "$SEED"
-        --lr "${S[lr]}" --policy-lr "${S[policy-lr]}" --warmup-steps "${S[warmup-steps]}"
+        --batch-size "${S[batch-size]}" --workers "${S[workers]}" --threads "$THREADS"
+        --seed "$SEED" --lr "${S[lr]}" --policy-lr "${S[policy-lr]}" --warmup-steps "${S[warmup-steps]}"
         --calibration-step "${S[calibration-step]}"
         --calibration-tolerance "${S[calibration-tolerance]}")
 cap() { [[ -n "$1" ]] && echo "--steps-per-epoch $1" || true; }

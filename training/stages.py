@@ -6,10 +6,11 @@
    with loss = sum over blocks of (1 - mean block mask) + sum over blocks of (1 - mean token
    mask), at budgets drawn below 1 so that the policy path runs. The adaptive model then
    starts out executing everything, like the static one.
-3. `cotrain`: Alternating Task Training (epoch i trains task tasks[i mod T] alone: its head,
-   its policy sub-network, the shared encoder and the shared policy layers), then end-to-end
-   fine-tuning of everything, each with task loss + alpha * efficiency loss at a budget drawn
-   per batch. The budget table is calibrated on held-out training images at the end.
+3. `cotrain`: Alternating Task Training first. Epoch i trains task tasks[i mod T] alone,
+   which updates its head, its policy sub-network, the shared encoder and the shared policy
+   layers. End-to-end fine-tuning of everything follows. Both use task loss + alpha *
+   efficiency loss at a budget drawn per batch. The budget table is calibrated on held-out
+   training images at the end.
 
 Each stage writes into RUN/STAGE: `state.pt` (weights, optimizer, scheduler, epoch, RNG
 state; rewritten after every epoch and read back to resume), `metrics.jsonl` (one record per
@@ -405,8 +406,9 @@ def build_scheduler(
 
 @dataclass
 class EpochPlan:
-    """What one epoch trains: its loss function, a hook after each optimizer step, and the
-    focus task of an Alternating Task Training epoch (None otherwise)."""
+    """Training plan of one epoch: its loss function, a hook run after each optimizer step,
+    and the focus task of a co-training epoch (a task name in Alternating Task Training,
+    "all" when fine-tuning, None in the other stages)."""
 
     loss_function: LossFunction
     after_step: Callable[[], None] | None = None

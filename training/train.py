@@ -162,6 +162,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--data folder not found: {args.data}")
     if args.resume and args.restart:
         raise ValueError("--resume and --restart exclude each other")
+
     positive = {"--batch-size": args.batch_size, "--threads": args.threads}
     if args.stage == "cotrain":
         positive["--att-epochs + --finetune-epochs"] = args.att_epochs + args.finetune_epochs
@@ -172,6 +173,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"invalid {name} {value}: must be at least 1")
+
     non_negative = {
         "--workers": args.workers,
         "--calibration-images": args.calibration_images,
@@ -185,6 +187,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ValueError(f"invalid {name} {value}: must not be negative")
+
     if args.lr <= 0 or args.policy_lr <= 0:
         raise ValueError(f"invalid learning rates {args.lr}, {args.policy_lr}: must be positive")
     if args.stage == "cotrain" and args.calibration_images < 1:

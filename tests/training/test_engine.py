@@ -19,13 +19,22 @@ from training.datasets.transforms import test_transform
 from training.engine import (
     NonFiniteLossError,
     ProgressReporter,
-    StepResult,
     evaluate,
     git_commit,
     train_one_epoch,
 )
 from training.losses import MultiTaskLoss
-from training.stages import eval_loader
+from training.stages import eval_loader, static_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run on one thread: with other processes on the cores, torch's spinning threads slow
+    the tests down many times. The previous setting is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +55,6 @@ def make_model(seed: int = 0) -> AdaMTL:
     return AdaMTL(get_preset("tiny"))
 
 
-def static_step(criterion: MultiTaskLoss):
-    def compute(model, batch):
-        output = model(batch["image"], 1.0)
-        total, losses = criterion(output.outputs, batch)
-        return StepResult(loss=total, terms=dict(losses))
-
-    return compute
-
-
 def test_train_one_epoch_lowers_loss(batches, tmp_path):
     model = make_model().train()
     criterion = MultiTaskLoss(model.config.tasks)
@@ -67,7 +67,7 @@ def test_train_one_epoch_lowers_loss(batches, tmp_path):
             batches,
             optimizer,
             None,
-            static_step(criterion),
+            static_loss(criterion),
             reporter,
             epoch,
             device=torch.device("cpu"),
@@ -92,7 +92,7 @@ def test_progress_line_has_eta_and_throughput(batches, caplog):
             batches,
             optimizer,
             None,
-            static_step(MultiTaskLoss(model.config.tasks)),
+            static_loss(MultiTaskLoss(model.config.tasks)),
             reporter,
             0,
             device=torch.device("cpu"),
@@ -124,7 +124,7 @@ def test_non_finite_loss_names_step_and_terms(batches):
             poisoned,
             optimizer,
             None,
-            static_step(MultiTaskLoss(model.config.tasks)),
+            static_loss(MultiTaskLoss(model.config.tasks)),
             reporter,
             0,
             device=torch.device("cpu"),
