@@ -9,6 +9,11 @@ of the simplest and the most cluttered val image). Every evaluation runs through
 `model_core.predictor.Predictor.run` on the val split. The random-policy keep probability is
 searched on the calibration slice of the train split (the same held-out images the budget
 table was calibrated on), never on val.
+
+NOTE: metrics are computed at the model's input resolution, on labels resized with the
+evaluation transform (nearest sampling for label maps). The AdaMTL paper scores PASCAL-Context
+at each image's original size, so figures from the paper presets are close to, but not
+exactly, the paper's protocol.
 """
 
 from __future__ import annotations

@@ -642,7 +642,8 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
         context.barrier()
 
     model.eval()
-    if args.stage == "cotrain":
+    if args.stage == "cotrain" and context.is_main:
+        # Only rank 0 writes the checkpoint, so only it needs the table.
         _calibrate(model, data, args)
     checkpoint_path = stage_dir / "model.safetensors"
     if context.is_main:
