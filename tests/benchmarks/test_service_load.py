@@ -1,0 +1,114 @@
+"""`python -m benchmarks.service_load` end to end: a real service process on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.model_latency import generated_images
+from model_core.calibration import calibrate
+from model_core.checkpoint import save_checkpoint
+from model_core.model import AdaMTL
+from model_core.presets import get_preset
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ROW_FIELDS = {
+    "concurrency",
+    "throughput_rps",
+    "predictor_rps",
+    "throughput_ratio",
+    "p50_ms",
+    "p99_ms",
+    "predictor_batch_ms",
+    "predictor_single_ms",
+    "latency_ratio",
+    "rss_warm_mib",
+    "rss_after_mib",
+    "rss_growth_ratio",
+    "service_pid",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with random weights, calibrated on generated images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = AdaMTL(get_preset("tiny"))
+        images = generated_images(8, model.config.img_size, seed=1)
+        calibrate(model, images, budgets=[0.3, 0.6, 0.9], tolerance=0.02)
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
+    return save_checkpoint(model, path, name="adamtl-tiny-bench", version="0.0.1")
+
+
+def run_benchmark(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.service_load", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def process_exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def test_service_load_json_rows(tiny_checkpoint):
+    result = run_benchmark(
+        [
+            "--checkpoint", str(tiny_checkpoint), "--concurrency", "1", "4", "--requests", "8",
+            "--soak-requests", "20", "--soak-concurrency", "4", "--threads", "1", "--json",
+        ]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+
+    assert [row["concurrency"] for row in rows] == [1, 4]
+    assert [row["batch_size"] for row in rows] == [1, 4]
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["completed"] == 8
+        assert row["errors"] == 0
+        assert row["soak_completed"] == 20
+        assert row["soak_errors"] == 0
+        assert row["checkpoint_source"] == "file"
+        assert row["preset"] == "tiny"
+        assert row["threads"] == 1
+        for key in ("throughput_rps", "predictor_rps", "p50_ms", "p99_ms", "rss_after_mib"):
+            assert math.isfinite(row[key]), key
+            assert row[key] > 0, key
+        assert row["p99_ms"] >= row["p50_ms"]
+        assert math.isfinite(row["rss_growth_ratio"])
+        assert row["service_mean_batch"] >= 1
+        assert row["service_batch_ms"] > 0
+
+    assert len({row["service_pid"] for row in rows}) == 1
+    assert not process_exists(rows[0]["service_pid"]), "the service outlived the benchmark"
+    assert f"checkpoint: {tiny_checkpoint.resolve()}" in result.stderr
+    assert "stopped the service" in result.stderr
+
+
+def test_service_load_missing_checkpoint(tmp_path):
+    missing = tmp_path / "absent.safetensors"
+    result = run_benchmark(["--checkpoint", str(missing), "--requests", "1"])
+    assert result.returncode == 1
+    assert f"checkpoint not found: {missing}" in result.stderr
+    assert "started the service" not in result.stderr
+
+
+def test_service_load_rejects_zero_concurrency():
+    result = run_benchmark(["--concurrency", "4", "0"])
+    assert result.returncode == 2
+    assert "--concurrency must be at least 1, got 0" in result.stderr
