@@ -405,7 +405,7 @@ async def read_batch_totals(client: httpx.AsyncClient) -> dict[str, float]:
 @dataclass(frozen=True)
 class PredictorTiming:
     images_per_s: float
-    batch_ms: float  # median seconds of one predict call, in milliseconds
+    batch_ms: float  # median duration of one predict call in milliseconds
 
 
 def time_predictor(
