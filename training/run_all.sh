@@ -36,6 +36,7 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
+ORIGINAL_ARGS=("$@")
 PRESET="" DATA="" OUT="" BACKBONE="" NPROC=1 SEED=0
 THREADS="$(nproc)"
 declare -A SET=()
@@ -82,7 +83,7 @@ case "$PRESET" in
             [workers]=1 [static-epochs]=4 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=1
             [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
             [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200
-            [calibration-step]=0.1 [calibration-tolerance]=0.005) ;;
+            [calibration-step]=0.05 [calibration-tolerance]=0.005) ;;
     swin-t|swin-s|swin-b)
         # The AdaMTL paper's PASCAL-Context schedule: 1000, 80, 150 + 150 epochs.
         MODEL="$PRESET" DATASET=pascal SIZE=224
@@ -104,7 +105,8 @@ if [[ "$DATASET" == pascal ]]; then
 fi
 DATA="${DATA:-$OUT/data}"
 LOG="$OUT/run_all.log"
-COMMAND="training/run_all.sh --preset $PRESET --data $DATA --out $OUT"
+# The exact invocation, overrides included, goes into the checkpoint's provenance.
+COMMAND="training/run_all.sh ${ORIGINAL_ARGS[*]}"
 exec > >(tee -a "$LOG") 2>&1
 START=$SECONDS
 echo "== run_all: preset $PRESET, model $MODEL, out $OUT, data $DATA, $THREADS threads, $NPROC process(es)"
