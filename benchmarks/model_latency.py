@@ -49,9 +49,9 @@ def generated_images(count: int, size: int, seed: int) -> torch.Tensor:
 
 
 def build_predictor(
-    preset: str, checkpoint: Path | None, calibration_images: int, seed: int
+    preset: str, checkpoint: Path | None, calibration_images: int, seed: int, budgets: list[float]
 ) -> Predictor:
-    """Load `checkpoint`, or build `preset` with random weights, and make sure it is calibrated."""
+    """Load `checkpoint`, or build `preset` with random weights calibrated at `budgets`."""
     if checkpoint is not None:
         model, metadata = load_checkpoint(checkpoint)
     else:
@@ -59,7 +59,8 @@ def build_predictor(
         model, metadata = AdaMTL(get_preset(preset)).eval(), None
     if model.calibration is None:
         images = generated_images(calibration_images, model.config.img_size, seed + 1)
-        calibrate(model, images, tolerance=0.01, max_steps=14, batch_size=8)
+        grid = sorted(b for b in budgets if b < 1.0) or None
+        calibrate(model, images, budgets=grid, tolerance=0.01, max_steps=14, batch_size=8)
     return Predictor(model, metadata=metadata)
 
 
@@ -82,7 +83,9 @@ def time_alternately(
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    predictor = build_predictor(args.preset, args.checkpoint, args.calibration_images, args.seed)
+    predictor = build_predictor(
+        args.preset, args.checkpoint, args.calibration_images, args.seed, args.budgets
+    )
     model = predictor.model
     size = model.config.img_size
     policy_overhead = model.policy_flops() / model.static_flops()
