@@ -49,7 +49,9 @@ def to_tensor_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Convert a raw numpy sample (HWC) to the tensor sample (CHW) documented above."""
     sample: dict[str, Any] = {"image": normalize_image(raw["image"]), "meta": raw["meta"]}
     if "saliency" in raw:
-        sample["saliency"] = torch.from_numpy(np.ascontiguousarray(raw["saliency"], np.float32))[None]
+        sample["saliency"] = torch.from_numpy(np.ascontiguousarray(raw["saliency"], np.float32))[
+            None
+        ]
     for task in ("human_parts", "semseg"):
         if task in raw:
             sample[task] = torch.from_numpy(np.ascontiguousarray(raw[task])).round().long()
