@@ -51,6 +51,28 @@ class _Job(Generic[PayloadT]):
     abandoned: bool = False  # the caller timed out or went away; skip it if still queued
 
 
+class Admission:
+    """One admission slot of a Batcher, held from admit() until release().
+
+    Usable as a context manager that releases the slot on exit; releasing twice is harmless.
+    """
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._batcher._set_admitted(self._batcher._admitted - 1)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 class Batcher(Generic[PayloadT, ResultT]):
     """Collect concurrent requests into batches and run them one batch at a time.
 
@@ -124,14 +146,15 @@ class Batcher(Generic[PayloadT, ResultT]):
             raise BatcherClosedError("the batcher is not running: call start() first")
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
-    async def submit(self, payload: PayloadT, timeout_s: float) -> tuple[ResultT, BatchTiming]:
-        """Queue one payload and wait for its result.
+    def admit(self) -> Admission:
+        """Reserve one of the `max_queue_size` admission slots before any costly work.
+
+        Hold the slot while the request decodes its input and waits for its result, then
+        release it, e.g. `with batcher.admit() as admission: ...`.
 
         Raises:
             QueueFullError: `max_queue_size` requests are already admitted.
             BatcherClosedError: The batcher is stopped or draining.
-            RequestTimeoutError: No result within `timeout_s` seconds of admission.
-            Exception: Whatever `predict_batch` raised for this payload.
         """
         if not self._accepting:
             raise BatcherClosedError("the service is shutting down and accepts no new requests")
@@ -139,9 +162,40 @@ class Batcher(Generic[PayloadT, ResultT]):
             raise QueueFullError(
                 f"the queue is full ({self._admitted} of {self.max_queue_size} requests admitted)"
             )
+        self._set_admitted(self._admitted + 1)
+        return Admission(self)
+
+    @property
+    def is_full(self) -> bool:
+        """Whether admit() would raise QueueFullError now."""
+        return self._admitted >= self.max_queue_size
+
+    async def submit(
+        self, payload: PayloadT, timeout_s: float, admission: Admission | None = None
+    ) -> tuple[ResultT, BatchTiming]:
+        """Queue one payload and wait for its result.
+
+        Args:
+            payload: Passed to `predict_batch`.
+            timeout_s: Seconds from this call until RequestTimeoutError.
+            admission: A slot from admit() that the caller holds and releases; without one,
+                submit admits the payload itself and releases the slot when it returns.
+
+        Raises:
+            QueueFullError: `max_queue_size` requests are already admitted.
+            BatcherClosedError: The batcher is stopped or draining.
+            RequestTimeoutError: No result within `timeout_s` seconds.
+            Exception: Whatever `predict_batch` raised for this payload.
+        """
+        if admission is None:
+            with self.admit() as own_admission:
+                return await self.submit(payload, timeout_s, own_admission)
+        if admission.released:
+            raise RuntimeError("submit() got an admission that was already released")
+        if not self._accepting:
+            raise BatcherClosedError("the service is shutting down and accepts no new requests")
 
         job: _Job[PayloadT] = _Job(payload, asyncio.get_running_loop().create_future())
-        self._set_admitted(self._admitted + 1)
         self._queue.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -155,7 +209,6 @@ class Batcher(Generic[PayloadT, ResultT]):
         finally:
             if not job.future.done():
                 job.abandoned = True
-            self._set_admitted(self._admitted - 1)
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop admitting, finish what is queued within `drain_timeout_s`, then stop the loop.

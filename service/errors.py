@@ -22,6 +22,18 @@ _HTTP_ERROR_TYPES = {
 }
 
 
+# Longest client value, in characters of its repr, that messages and logs repeat.
+MAX_ECHOED_CHARS = 80
+
+
+def shorten(value: object) -> str:
+    """Return repr(value), cut to MAX_ECHOED_CHARS so that huge inputs do not flood responses."""
+    text = repr(value)
+    if len(text) <= MAX_ECHOED_CHARS:
+        return text
+    return f"{text[: MAX_ECHOED_CHARS - 3]}... ({len(text)} characters)"
+
+
 class ServiceError(Exception):
     """A failure to report to the client with `status_code` and a message.
 
@@ -69,7 +81,7 @@ def _describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
         else:
             where = " ".join(location) or "request"
         value = item.get("input")
-        quoted_input = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+        quoted_input = f" (got {shorten(value)})" if isinstance(value, str | int | float) else ""
         parts.append(f"{where}: {item.get('msg', 'invalid value')}{quoted_input}")
     return "; ".join(parts) + ". See /docs for the valid parameters."
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -9,13 +10,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service import imaging
 from service.batching import BatcherClosedError, QueueFullError, RequestTimeoutError
 from service.deps import RETRY_AFTER_S, PredictJob, ReadyStateDep, StateDep
-from service.errors import ServiceError
+from service.errors import ServiceError, shorten
 from service.schemas import (
     Compute,
     ErrorResponse,
@@ -77,11 +80,22 @@ _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _unavailable(exc: QueueFullError | BatcherClosedError) -> ServiceError:
+    return ServiceError(
+        503,
+        "queue_full" if isinstance(exc, QueueFullError) else "not_ready",
+        f"{exc}: retry after {RETRY_AFTER_S} s, or send the request to another replica",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def parse_tasks(raw: str | None, available: tuple[str, ...]) -> list[str]:
     """Split the comma-separated `tasks` parameter; None means every task of the checkpoint.
 
-    Duplicates are dropped and the order follows the checkpoint's task order. Unknown names are
-    left in place so that the predictor's validation reports them.
+    Duplicates are dropped and the order follows the checkpoint's task order.
+
+    Raises:
+        ServiceError: 422 `invalid_tasks` when `raw` names no task or an unknown one.
     """
     if raw is None:
         return list(available)
@@ -90,19 +104,31 @@ def parse_tasks(raw: str | None, available: tuple[str, ...]) -> list[str]:
         raise ServiceError(
             422,
             "invalid_tasks",
-            f"tasks {raw!r} names no task: pass a comma-separated subset of "
+            f"tasks {shorten(raw)} names no task: pass a comma-separated subset of "
             f"{','.join(available)}, or leave it out for all tasks",
         )
     unique = list(dict.fromkeys(names))
-    known = [task for task in available if task in unique]
     unknown = [task for task in unique if task not in available]
-    return known + unknown
+    if unknown:
+        shown = ", ".join(shorten(task) for task in unknown[:3])
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ServiceError(
+            422,
+            "invalid_tasks",
+            f"unknown task {shown}{more}: pass a comma-separated subset of {','.join(available)}",
+        )
+    return [task for task in available if task in unique]
 
 
-async def _read_limited(request: Request, limit: int, max_upload_bytes: int) -> bytes:
+async def _read_limited(
+    request: Request, limit: int, max_upload_bytes: int, timeout_s: float
+) -> bytes:
     """Read the request body, raising 413 as soon as it exceeds `limit` bytes.
 
     `limit` may exceed `max_upload_bytes` by the multipart overhead; messages name the latter.
+    A body that is not complete within `timeout_s` seconds raises 408, so a client that
+    declares more bytes than it sends, or sends them very slowly, does not hold the request
+    open for ever.
     """
     too_large = ServiceError(
         413,
@@ -115,16 +141,33 @@ async def _read_limited(request: Request, limit: int, max_upload_bytes: int) -> 
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ServiceError(
+            408,
+            "upload_timeout",
+            f"the request body was not complete within {timeout_s:g} s ({size} bytes "
+            "received): check that Content-Length matches the body, or raise "
+            "ADAMTL_UPLOAD_TIMEOUT_S for slow links",
+        ) from exc
+    except ClientDisconnect as exc:
+        raise ServiceError(
+            400, "client_disconnected", "the client closed the connection during the upload"
+        ) from exc
     return b"".join(chunks)
 
 
-async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
-    """Return the uploaded image file from a multipart field `image` or a raw image body."""
+async def read_image_bytes(request: Request, max_upload_bytes: int, timeout_s: float) -> bytes:
+    """Return the uploaded image file from a multipart field `image` or a raw image body.
+
+    The whole body must arrive within `timeout_s` seconds, or the request fails with 408.
+    """
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     missing = ServiceError(
@@ -136,13 +179,13 @@ async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
 
     if media_type == "multipart/form-data":
         body = await _read_limited(
-            request, max_upload_bytes + MULTIPART_OVERHEAD_BYTES, max_upload_bytes
+            request, max_upload_bytes + MULTIPART_OVERHEAD_BYTES, max_upload_bytes, timeout_s
         )
         data = await _image_from_multipart(request, body)
         if data is None:
             raise missing
     elif media_type.startswith("image/") or media_type in ("", "application/octet-stream"):
-        data = await _read_limited(request, max_upload_bytes, max_upload_bytes)
+        data = await _read_limited(request, max_upload_bytes, max_upload_bytes, timeout_s)
     else:
         raise ServiceError(
             415,
@@ -188,6 +231,15 @@ async def _image_from_multipart(request: Request, body: bytes) -> bytes | None:
         field = form.get("image")
         if isinstance(field, UploadFile):
             return await field.read()
+        # Starlette drops a part that the body ends in, so a truncated body looks like one
+        # without an image; the missing closing delimiter tells the two apart.
+        if not _has_closing_delimiter(request.headers.get("content-type", ""), body):
+            raise ServiceError(
+                400,
+                "invalid_multipart",
+                "the multipart body ends before its closing boundary: check that the upload "
+                "is complete and that Content-Length matches the body",
+            )
         if isinstance(field, str) and field:
             raise ServiceError(
                 422,
@@ -200,6 +252,12 @@ async def _image_from_multipart(request: Request, body: bytes) -> bytes | None:
         await form.close()
 
 
+def _has_closing_delimiter(content_type: str, body: bytes) -> bool:
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    return bool(boundary) and b"--" + boundary + b"--" in body
+
+
 def _validate_request(state: Any, budget: float, tasks: list[str]) -> None:
     from model_core.predictor import InvalidRequestError
 
@@ -210,11 +268,11 @@ def _validate_request(state: Any, budget: float, tasks: list[str]) -> None:
             "invalid_budget",
             f"budget {budget} is not a finite number: pass a value in [{low:g}, {high:g}]",
         )
+    # parse_tasks has already checked the task names, so whatever fails here is the budget.
     try:
         state.predictor.validate(budget, tasks)
     except InvalidRequestError as exc:
-        error_type = "invalid_budget" if "budget" in str(exc).lower() else "invalid_tasks"
-        raise ServiceError(422, error_type, str(exc)) from exc
+        raise ServiceError(422, "invalid_budget", str(exc)) from exc
 
 
 def encode_outputs(prediction: Prediction, classes: dict[str, tuple[str, ...]]) -> dict:
@@ -273,34 +331,45 @@ async def predict(
     _validate_request(state, budget, task_list)
     request.state.budget = budget
 
-    data = await read_image_bytes(request, settings.max_upload_bytes)
-    try:
-        image = await run_in_threadpool(imaging.decode_image, data, settings.max_image_pixels)
-    except imaging.ImageError as exc:
-        raise ServiceError(exc.status_code, exc.error_type, str(exc)) from exc
-
-    try:
-        prediction, timing = await batcher.submit(
-            PredictJob(image, budget, task_list), settings.request_timeout_s
+    # Reject at once when the queue is full, before reading the body. The slot itself is
+    # taken only after the upload, so slow clients cannot hold slots while they send.
+    if batcher.is_full:
+        raise _unavailable(
+            QueueFullError(f"the queue is full ({batcher.queue_depth} requests admitted)")
         )
-    except (QueueFullError, BatcherClosedError) as exc:
-        raise ServiceError(
-            503,
-            "queue_full" if isinstance(exc, QueueFullError) else "not_ready",
-            f"{exc}: retry after {RETRY_AFTER_S} s, or send the request to another replica",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        ) from exc
-    except RequestTimeoutError as exc:
-        raise ServiceError(
-            504,
-            "timeout",
-            f"{exc}: retry later with a smaller image or budget, or raise ADAMTL_REQUEST_TIMEOUT_S",
-        ) from exc
-    except Exception as exc:
-        logger.exception("inference failed for request %s", request.state.request_id)
-        raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
+    data = await read_image_bytes(request, settings.max_upload_bytes, settings.upload_timeout_s)
 
-    outputs = await run_in_threadpool(encode_outputs, prediction, predictor.classes)
+    # Decoding and encoding a large image cost hundreds of MB, so both run inside the
+    # admission slot: at most ADAMTL_MAX_QUEUE_SIZE requests hold decoded images at once.
+    try:
+        admission = batcher.admit()
+    except (QueueFullError, BatcherClosedError) as exc:
+        raise _unavailable(exc) from exc
+    with admission:
+        try:
+            image = await run_in_threadpool(imaging.decode_image, data, settings.max_image_pixels)
+        except imaging.ImageError as exc:
+            raise ServiceError(exc.status_code, exc.error_type, str(exc)) from exc
+        del data
+
+        try:
+            prediction, timing = await batcher.submit(
+                PredictJob(image, budget, task_list), settings.request_timeout_s, admission
+            )
+        except (QueueFullError, BatcherClosedError) as exc:
+            raise _unavailable(exc) from exc
+        except RequestTimeoutError as exc:
+            raise ServiceError(
+                504,
+                "timeout",
+                f"{exc}: retry later with a smaller image or budget, or raise "
+                "ADAMTL_REQUEST_TIMEOUT_S",
+            ) from exc
+        except Exception as exc:
+            logger.exception("inference failed for request %s", request.state.request_id)
+            raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
+
+        outputs = await run_in_threadpool(encode_outputs, prediction, predictor.classes)
     stats = prediction.stats
     metrics.observe_image(stats)
     metrics.queue_wait.observe(timing.queue_s)

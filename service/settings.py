@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     )
 
     # Input limits.
+    upload_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client may take to send the request body before 408.",
+    )
     max_upload_bytes: int = Field(
         20_000_000, ge=1, description="Largest accepted image upload in bytes (20 MB)."
     )
