@@ -10,7 +10,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from service.settings import Settings, format_settings_error, missing_checkpoint_message
+from service.settings import Settings, format_settings_error
 
 logger = logging.getLogger("service")
 
@@ -55,15 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not settings.checkpoint.is_file():
-        logger.error(missing_checkpoint_message(settings.checkpoint))
-        return 1
-
     import uvicorn
 
-    from service.app import create_app
+    from service.app import StartupError, create_app, load_predictor
 
-    app = create_app(settings)
+    try:
+        predictor = load_predictor(settings.checkpoint)
+    except StartupError as exc:
+        logger.error("%s", exc)
+        return 1
+
+    app = create_app(settings, predictor)
     state = app.state.service
 
     class DrainingServer(uvicorn.Server):

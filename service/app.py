@@ -43,6 +43,10 @@ def load_predictor(checkpoint: Path) -> Predictor:
     Raises:
         StartupError: The file is missing or is not a valid AdaMTL checkpoint.
     """
+    if checkpoint.is_dir():
+        raise StartupError(
+            f"checkpoint {checkpoint} is a directory: pass the path of a .safetensors file"
+        )
     if not checkpoint.is_file():
         raise StartupError(missing_checkpoint_message(checkpoint))
     from model_core.checkpoint import CheckpointError
@@ -52,6 +56,15 @@ def load_predictor(checkpoint: Path) -> Predictor:
         return Predictor.from_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise StartupError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
+    except PermissionError as exc:
+        raise StartupError(f"cannot read checkpoint {checkpoint}: {exc}") from exc
+    except (ArithmeticError, AttributeError, LookupError, RuntimeError, TypeError) as exc:
+        # NOTE: load_checkpoint lets some invalid configurations (a zero or negative size,
+        # `classes` of the wrong type) escape as these errors instead of CheckpointError.
+        raise StartupError(
+            f"cannot load checkpoint {checkpoint}: its model configuration is invalid "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def describe_model(predictor: Predictor, checkpoint: Path) -> dict[str, Any]:
@@ -69,9 +82,23 @@ def describe_model(predictor: Predictor, checkpoint: Path) -> dict[str, Any]:
         "static_flops": float(predictor.static_flops(tasks)),
         "static_flops_per_task": {task: float(predictor.static_flops([task])) for task in tasks},
         "budget_range": tuple(float(b) for b in predictor.budget_range),
-        "provenance": dict(metadata.get("provenance") or {}),
-        "metrics": dict(metadata.get("metrics") or {}),
+        "provenance": _metadata_object(metadata, "provenance", checkpoint),
+        "metrics": _metadata_object(metadata, "metrics", checkpoint),
     }
+
+
+def _metadata_object(metadata: dict[str, Any], key: str, checkpoint: Path) -> dict[str, Any]:
+    """Return the JSON object `metadata[key]`, or {} with a warning when it is not an object."""
+    value = metadata.get(key) or {}
+    if isinstance(value, dict):
+        return value
+    logger.warning(
+        "checkpoint %s has %s of type %s instead of a JSON object; serving it as {}",
+        checkpoint,
+        key,
+        type(value).__name__,
+    )
+    return {}
 
 
 def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
@@ -97,7 +124,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
 
     started = time.perf_counter()
-    predictor = await run_in_threadpool(load_predictor, settings.checkpoint)
+    predictor = state.predictor
+    if predictor is None:
+        predictor = await run_in_threadpool(load_predictor, settings.checkpoint)
     info = describe_model(predictor, settings.checkpoint)
     metrics = ServiceMetrics(
         state.registry,
@@ -218,8 +247,12 @@ def _log_request(request: Request, endpoint: str, status_code: int, duration_s: 
     logger.log(level, " ".join(fields))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the service app; the model loads when the app's lifespan starts."""
+def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:
+    """Build the service app around `predictor`, or load the checkpoint when the lifespan starts.
+
+    `python -m service` passes a loaded predictor, so that a bad checkpoint fails before the
+    server starts, with one clear message instead of uvicorn's start-up traceback.
+    """
     settings = settings or Settings()
     app = FastAPI(
         title="AdaMTL inference service",
@@ -233,7 +266,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
     )
-    app.state.service = ServiceState(settings=settings, registry=CollectorRegistry())
+    app.state.service = ServiceState(
+        settings=settings, registry=CollectorRegistry(), predictor=predictor
+    )
     install_error_handlers(app)
     app.middleware("http")(_observe_request)
     app.include_router(router)

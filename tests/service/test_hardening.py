@@ -1,0 +1,225 @@
+"""Hostile inputs to a real server: lying uploads, overload, odd parameters, bad checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.batching import Batcher, QueueFullError
+from tests.service.conftest import make_settings, running_server
+from tests.service.test_main import REPO_ROOT, service_env
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def send_raw(url: str, request: bytes, timeout_s: float) -> bytes:
+    """Send `request` as is on a fresh connection and return everything the server sends back."""
+    host, port = url.removeprefix("http://").split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+        connection.sendall(request)
+        while True:
+            try:
+                chunk = connection.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def multipart_request(body: bytes, content_length: int) -> bytes:
+    head = (
+        "POST /predict?tasks=semseg HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        "Content-Type: multipart/form-data; boundary=XyZ\r\n"
+        f"Content-Length: {content_length}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def multipart_body(image: bytes) -> bytes:
+    return (
+        b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--XyZ--\r\n"
+    )
+
+
+def test_content_length_lie_gives_408(checkpoint_path):
+    body = multipart_body(png_bytes(16, 16))
+    settings = make_settings(checkpoint_path, upload_timeout_s=0.5)
+    with running_server(settings) as url:
+        started = time.monotonic()
+        response = send_raw(url, multipart_request(body, len(body) + 1000), timeout_s=10)
+        elapsed = time.monotonic() - started
+        with httpx.Client(base_url=url) as client:
+            assert client.get("/readyz").status_code == 200
+
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]
+    assert b'"upload_timeout"' in response
+    assert elapsed < 5
+
+
+def test_truncated_multipart_gives_400(client):
+    body = multipart_body(png_bytes(16, 16))
+    truncated = body[: len(body) - 40]
+    response = send_raw(
+        str(client.base_url).rstrip("/"), multipart_request(truncated, len(truncated)), 30
+    )
+
+    assert response.startswith(b"HTTP/1.1 400"), response[:200]
+    assert b'"invalid_multipart"' in response
+
+
+def test_long_parameter_not_echoed_in_full(client):
+    image = png_bytes(16, 16)
+    for params in ({"budget": "x" * 3000}, {"tasks": "semseg," + "y" * 3000}):
+        response = client.post("/predict", params=params, files={"image": ("a.png", image)})
+        assert response.status_code == 422
+        assert len(response.json()["message"]) < 400
+
+
+def test_task_named_budget_is_invalid_tasks(client):
+    image = png_bytes(16, 16)
+    response = client.post(
+        "/predict", params={"tasks": "budget"}, files={"image": ("a.png", image)}
+    )
+
+    assert response.status_code == 422
+    assert response.json()["type"] == "invalid_tasks"
+    assert "'budget'" in response.json()["message"]
+
+
+def queue_depth(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("adamtl_queue_depth "):
+            return float(line.split()[1])
+    raise AssertionError("adamtl_queue_depth is missing from /metrics")
+
+
+def test_full_queue_rejects_before_decoding(checkpoint_path):
+    """A corrupt upload sent while the only slot is taken gets 503, so it was never decoded."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (90, 20, 200)).save(buffer, "PNG")
+    slow_image = buffer.getvalue()  # small file, but seconds to decode, resize and encode
+    settings = make_settings(checkpoint_path, max_batch_size=1, max_queue_size=1)
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        results: list[int] = []
+        first = threading.Thread(
+            target=lambda: results.append(
+                client.post("/predict", files={"image": ("a.png", slow_image)}).status_code
+            )
+        )
+        first.start()
+        deadline = time.monotonic() + 20
+        while queue_depth(client) < 1 and time.monotonic() < deadline and first.is_alive():
+            time.sleep(0.005)
+        corrupt = client.post("/predict", files={"image": ("b.png", b"\x89PNG broken")})
+        first.join(timeout=60)
+        depth_after = queue_depth(client)
+
+    assert corrupt.status_code == 503
+    assert corrupt.json()["type"] == "queue_full"
+    assert corrupt.headers["Retry-After"] == "1"
+    assert results == [200]
+    assert depth_after == 0
+
+
+def test_admission_slot_counts_until_release():
+    async def scenario() -> tuple[bool, bool, int]:
+        batcher: Batcher[int, int] = Batcher(
+            lambda payloads: payloads, max_batch_size=1, max_wait_s=0, max_queue_size=1
+        )
+        batcher.start()
+        try:
+            with batcher.admit() as admission:
+                full_while_held = batcher.is_full
+                with pytest.raises(QueueFullError):
+                    batcher.admit()
+                result, _ = await batcher.submit(7, 10, admission)
+            return full_while_held, batcher.is_full, result
+        finally:
+            await batcher.stop(1)
+
+    full_while_held, full_after, result = asyncio.run(scenario())
+
+    assert full_while_held
+    assert not full_after
+    assert result == 7
+
+
+def rewrite_metadata(source: Path, target: Path, change) -> Path:
+    """Copy the checkpoint `source` to `target` with `change` applied to its metadata."""
+    raw = source.read_bytes()
+    header_size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + header_size])
+    metadata = json.loads(header["__metadata__"]["adamtl"])
+    change(metadata)
+    header["__metadata__"] = {"adamtl": json.dumps(metadata)}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    target.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :])
+    return target
+
+
+def run_service_briefly(checkpoint: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "--port", "1", "--checkpoint", str(checkpoint)],
+        cwd=REPO_ROOT,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def set_image_size_zero(metadata: dict) -> None:
+    metadata["config"]["img_size"] = 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero image size", "directory"])
+def test_bad_checkpoint_exits_cleanly(checkpoint_path, tmp_path, damage):
+    target = tmp_path / "bad.safetensors"
+    if damage == "truncated":
+        target.write_bytes(checkpoint_path.read_bytes()[:5000])
+    elif damage == "zero image size":
+        rewrite_metadata(checkpoint_path, target, set_image_size_zero)
+    else:
+        target.mkdir()
+
+    result = run_service_briefly(target)
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert str(target) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_provenance_of_wrong_type_still_serves(checkpoint_path, tmp_path):
+    target = rewrite_metadata(
+        checkpoint_path,
+        tmp_path / "odd.safetensors",
+        lambda metadata: metadata.update(provenance=[1, 2], metrics="none"),
+    )
+    with running_server(make_settings(target)) as url, httpx.Client(base_url=url) as client:
+        model = client.get("/v1/model").json()
+
+    assert model["provenance"] == {}
+    assert model["metrics"] == {}
