@@ -1,0 +1,74 @@
+"""load_checkpoint on damaged files: each must raise CheckpointError naming the file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from model_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tests.model_core.conftest import make_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
+    save_checkpoint(make_model(), path)
+    return path.read_bytes()
+
+
+def with_metadata(raw: bytes, change) -> bytes:
+    header_size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + header_size])
+    metadata = json.loads(header["__metadata__"]["adamtl"])
+    change(metadata)
+    header["__metadata__"] = {"adamtl": json.dumps(metadata)}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :]
+
+
+def flip_header_byte(raw: bytes) -> bytes:
+    return raw[:20] + bytes([raw[20] ^ 0x40]) + raw[21:]
+
+
+def unsort_calibration(metadata: dict) -> None:
+    metadata["calibration"] = {"budgets": [0.9, 0.5], "offsets": [0.0, 0.1]}
+
+
+DAMAGES = {
+    "empty file": lambda raw: b"",
+    "truncated header": lambda raw: raw[:100],
+    "truncated data": lambda raw: raw[: len(raw) // 2],
+    "huge header length": lambda raw: struct.pack("<Q", 2**62) + raw[8:],
+    "header length past end": lambda raw: struct.pack("<Q", len(raw)) + raw[8:],
+    "bit flip in header": flip_header_byte,
+    "config missing": lambda raw: with_metadata(raw, lambda m: m.pop("config")),
+    "unknown config field": lambda raw: with_metadata(raw, lambda m: m["config"].update(x=1)),
+    "min_budget NaN": lambda raw: with_metadata(
+        raw, lambda m: m["config"].update(min_budget=float("nan"))
+    ),
+    "unsorted calibration": lambda raw: with_metadata(raw, unsort_calibration),
+    "wrong format": lambda raw: with_metadata(raw, lambda m: m.update(format="adamtl/0")),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_checkpoint_raises(checkpoint_bytes, tmp_path, damage):
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(DAMAGES[damage](checkpoint_bytes))
+
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+
+    assert str(path) in str(raised.value)
+
+
+def test_directory_raises(tmp_path: Path):
+    path = tmp_path / "model.safetensors"
+    path.mkdir()
+
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
