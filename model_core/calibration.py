@@ -7,15 +7,16 @@ gets more or less work than the mean by its content. Works for any weights, trai
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from model_core.model import AdaMTL
+from model_core.model import AdaMTL, task_set_key
 
-__all__ = ["calibrate", "default_budget_grid", "mean_flops_ratio"]
+__all__ = ["all_task_subsets", "calibrate", "default_budget_grid", "mean_flops_ratio"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,32 +54,16 @@ def mean_flops_ratio(
         model.calibration = saved
 
 
-@torch.no_grad()
-def calibrate(
+def _calibrate_table(
     model: AdaMTL,
     images: torch.Tensor,
-    budgets: Sequence[float] | None = None,
-    tolerance: float = 0.003,
-    max_steps: int = 24,
-    batch_size: int = 16,
+    grid: Sequence[float],
+    tasks: Sequence[str] | None,
+    tolerance: float,
+    max_steps: int,
+    batch_size: int,
 ) -> dict[str, list[float]]:
-    """Fill `model.calibration` so the mean FLOPs ratio on `images` matches each budget.
-
-    Args:
-        model: the model; put in eval mode for the duration of the call.
-        images: (N, 3, S, S) normalised calibration images, never the evaluation images.
-        budgets: budget grid; defaults to `default_budget_grid(config.min_budget)`.
-        tolerance: stop bisecting once the mean ratio is within this of the budget.
-        max_steps: bisection steps per budget.
-        batch_size: images per forward pass.
-
-    Returns:
-        The table, {"budgets", "offsets", "achieved"}, also stored in `model.calibration`.
-        Budget 1 is not in the table: at budget 1 the policy is bypassed.
-    """
-    was_training = model.training
-    model.eval()
-    grid = list(budgets) if budgets is not None else default_budget_grid(model.config.min_budget)
+    """Bisect the gate offset of each budget in `grid` for one task set."""
     offsets, achieved = [], []
     low, high = -16.0, 16.0
     for budget in grid:
@@ -87,7 +72,7 @@ def calibrate(
         def ratio(offset: float, budget: float = budget, cache: dict = ratio_at) -> float:
             if offset not in cache:
                 cache[offset] = mean_flops_ratio(
-                    model, images, budget, offset, batch_size=batch_size
+                    model, images, budget, offset, tasks=tasks, batch_size=batch_size
                 )
             return cache[offset]
 
@@ -112,11 +97,63 @@ def calibrate(
         offsets.append(float(best))
         achieved.append(float(ratio(best)))
         logger.info(
-            "calibrated budget %.3f: offset %.4f, mean FLOPs ratio %.4f", budget, best, ratio(best)
+            "calibrated budget %.3f for tasks %s: offset %.4f, mean FLOPs ratio %.4f",
+            budget,
+            "all" if tasks is None else ",".join(tasks),
+            best,
+            ratio(best),
         )
     # Keep offsets non-decreasing in the budget so interpolation never inverts the order.
     offsets = [float(o) for o in np.maximum.accumulate(np.asarray(offsets))]
-    table = {"budgets": [float(b) for b in grid], "offsets": offsets, "achieved": achieved}
+    return {"budgets": [float(b) for b in grid], "offsets": offsets, "achieved": achieved}
+
+
+@torch.no_grad()
+def calibrate(
+    model: AdaMTL,
+    images: torch.Tensor,
+    budgets: Sequence[float] | None = None,
+    tolerance: float = 0.003,
+    max_steps: int = 24,
+    batch_size: int = 16,
+    task_sets: Sequence[Sequence[str]] = (),
+) -> dict:
+    """Fill `model.calibration` so the mean FLOPs ratio on `images` matches each budget.
+
+    Args:
+        model: the model; put in eval mode for the duration of the call.
+        images: (N, 3, S, S) normalised calibration images, never the evaluation images.
+        budgets: budget grid; defaults to `default_budget_grid(config.min_budget)`.
+        tolerance: stop bisecting once the mean ratio is within this of the budget.
+        max_steps: bisection steps per budget.
+        batch_size: images per forward pass.
+        task_sets: subsets of the tasks that get a table of their own. A request for fewer
+            tasks keeps fewer tokens at the same offset, so without its own table its FLOPs
+            ratio falls below the budget. Other subsets use the all-task table.
+
+    Returns:
+        The table, {"budgets", "offsets", "achieved", "task_sets"}, also stored in
+        `model.calibration`. Budget 1 is not in it: at budget 1 the policy is bypassed.
+    """
+    was_training = model.training
+    model.eval()
+    grid = list(budgets) if budgets is not None else default_budget_grid(model.config.min_budget)
+    table: dict = _calibrate_table(model, images, grid, None, tolerance, max_steps, batch_size)
+    table["task_sets"] = {}
+    for tasks in task_sets:
+        model.task_mask([list(tasks)], 1)  # raises InvalidRequestError for unknown names
+        ordered = [t for t in model.config.tasks if t in tasks]
+        table["task_sets"][task_set_key(ordered)] = _calibrate_table(
+            model, images, grid, ordered, tolerance, max_steps, batch_size
+        )
     model.calibration = table
     model.train(was_training)
     return table
+
+
+def all_task_subsets(tasks: Sequence[str]) -> list[list[str]]:
+    """Return every non-empty proper subset of `tasks`, in task order."""
+    subsets = []
+    for size in range(1, len(tasks)):
+        subsets.extend(list(c) for c in itertools.combinations(tasks, size))
+    return subsets

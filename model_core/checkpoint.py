@@ -8,6 +8,7 @@ command, seed, git commit) and the evaluation metrics. Loading never unpickles.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +143,12 @@ def load_checkpoint(
             raise CheckpointError(
                 f"checkpoint {path} has an invalid calibration table: {calibration!r}"
             )
-        model.calibration = {k: list(map(float, v)) for k, v in calibration.items()}
+        model.calibration = calibration
     model.to(map_location).eval()
     return model, metadata
 
 
-def _valid_calibration(table: Any) -> bool:
+def _valid_table(table: Any) -> bool:
     if not isinstance(table, dict):
         return False
     budgets, offsets = table.get("budgets"), table.get("offsets")
@@ -155,4 +156,14 @@ def _valid_calibration(table: Any) -> bool:
         return False
     if len(budgets) == 0 or len(budgets) != len(offsets):
         return False
-    return all(isinstance(v, int | float) for v in budgets + offsets) and budgets == sorted(budgets)
+    numbers = budgets + offsets
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers):
+        return False
+    return budgets == sorted(budgets)
+
+
+def _valid_calibration(table: Any) -> bool:
+    if not _valid_table(table):
+        return False
+    task_sets = table.get("task_sets") or {}
+    return isinstance(task_sets, dict) and all(_valid_table(t) for t in task_sets.values())

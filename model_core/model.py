@@ -28,6 +28,11 @@ __all__ = ["AdaMTL", "ExecutionStats", "InvalidRequestError", "ModelOutput", "Ta
 TaskRequest = Sequence[str] | Sequence[Sequence[str]] | None
 
 
+def task_set_key(tasks: Sequence[str]) -> str:
+    """Return the calibration-table key of a task set: the names joined by commas."""
+    return ",".join(tasks)
+
+
 class InvalidRequestError(ValueError):
     """A budget or task list that the model cannot serve; the message names the valid values."""
 
@@ -128,8 +133,9 @@ class AdaMTL(nn.Module):
             }
         )
         self.head_size = (config.img_size // config.head_stride,) * 2
-        # Budget to gate offset table, filled by model_core.calibration.calibrate.
-        self.calibration: dict[str, list[float]] | None = None
+        # Budget to gate offset tables, filled by model_core.calibration.calibrate: "budgets"
+        # and "offsets" for all tasks, and optionally "task_sets" with one table per subset.
+        self.calibration: dict | None = None
         self._static_costs = self._compute_static_costs()
 
     # ----------------------------------------------------------------------------------------
@@ -168,7 +174,7 @@ class AdaMTL(nn.Module):
         self, budgets: float | Sequence[float] | torch.Tensor, batch: int
     ) -> torch.Tensor:
         """Validate budgets and return them as a (B,) float tensor."""
-        values = torch.as_tensor(budgets, dtype=torch.float32).flatten()
+        values = torch.as_tensor(budgets, dtype=torch.float64).flatten()
         if values.numel() == 1:
             values = values.expand(batch).clone()
         if values.numel() != batch:
@@ -178,16 +184,32 @@ class AdaMTL(nn.Module):
         if bool(bad.any()):
             value = float(values[bad][0])
             raise InvalidRequestError(f"invalid budget {value}: choose a value in [{low}, {high}]")
-        return values.clamp(low, high)
+        return values.clamp(low, high).float()
 
-    def gate_offsets(self, budgets: torch.Tensor) -> torch.Tensor:
-        """Return the calibrated gate offset for each budget (0 without a calibration table)."""
+    def gate_offsets(
+        self, budgets: torch.Tensor, task_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the calibrated gate offset for each image (0 without a calibration table).
+
+        Args:
+            budgets: (B,) requested budgets.
+            task_mask: (B, T) requested tasks. An image whose task set has its own table in
+                `calibration["task_sets"]` uses it, the others use the all-task table.
+        """
         if self.calibration is None or self.training:
             return torch.zeros_like(budgets)
-        grid = np.asarray(self.calibration["budgets"], dtype=np.float64)
-        offsets = np.asarray(self.calibration["offsets"], dtype=np.float64)
-        values = np.interp(budgets.detach().cpu().double().numpy(), grid, offsets)
-        return torch.from_numpy(values).to(budgets.device, torch.float32)
+        values = budgets.detach().cpu().double().numpy()
+        offsets = np.interp(values, self.calibration["budgets"], self.calibration["offsets"])
+        task_tables = self.calibration.get("task_sets") or {}
+        if task_mask is not None and task_tables:
+            for row, mask in enumerate(task_mask.tolist()):
+                key = task_set_key(
+                    [t for t, wanted in zip(self.config.tasks, mask, strict=True) if wanted]
+                )
+                table = task_tables.get(key)
+                if table is not None:
+                    offsets[row] = np.interp(values[row], table["budgets"], table["offsets"])
+        return torch.from_numpy(offsets).to(budgets.device, torch.float32)
 
     # ----------------------------------------------------------------------------------------
     # Costs
@@ -419,12 +441,12 @@ class AdaMTL(nn.Module):
         policy_input = x if all_adaptive else x.index_select(0, rows)
         row_budgets = budgets if all_adaptive else budgets.index_select(0, rows)
         row_tasks = task_mask if all_adaptive else task_mask.index_select(0, rows)
+        offset = self.gate_offsets(row_budgets, row_tasks).to(dtype)
         if self.config.policy_mode == "task_agnostic":
             row_tasks = torch.ones(row_tasks.shape[0], 1, dtype=torch.bool, device=device)
 
         policy = self.policies[stage_index]
         decision = policy(policy_input, row_budgets)
-        offset = self.gate_offsets(row_budgets).to(dtype)
         temperature = self.config.gumbel_temperature
         rows_count = policy_input.shape[0]
         if decision.block_logits is not None:

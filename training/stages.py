@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from model_core.calibration import calibrate, default_budget_grid
+from model_core.calibration import all_task_subsets, calibrate, default_budget_grid
 from model_core.checkpoint import load_checkpoint, save_checkpoint
 from model_core.encoder import load_backbone_weights
 from model_core.model import AdaMTL
@@ -678,12 +678,16 @@ def _calibrate(model: AdaMTL, data: StageData, args: argparse.Namespace) -> None
     start = time.perf_counter()
     images = stack_images(data.calibration).to(next(model.parameters()).device)
     grid = default_budget_grid(model.config.min_budget, args.calibration_step)
+    task_sets = []
+    if args.calibration_task_sets and model.config.policy_mode == "task_aware":
+        task_sets = all_task_subsets(model.config.tasks)
     table = calibrate(
         model,
         images,
         budgets=grid,
         tolerance=args.calibration_tolerance,
         batch_size=args.batch_size,
+        task_sets=task_sets,
     )
     logger.info(
         "calibrated %d budgets on %d held-out training images in %.1f s: achieved %s",

@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.003,
         help="stop bisecting a budget's gate offset once the mean FLOPs ratio is this close",
     )
+    budget.add_argument(
+        "--calibration-task-sets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also calibrate one table per proper subset of the tasks (task-aware policy only), "
+        "so that requests for fewer tasks track their budget too",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument(

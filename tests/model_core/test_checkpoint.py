@@ -220,3 +220,34 @@ def test_predictor_rejects_non_rgb_arrays(calibrated_model):
     predictor = Predictor(calibrated_model)
     with pytest.raises(ValueError, match="expected an RGB PIL image or a uint8"):
         predictor.predict([np.zeros((10, 10), dtype=np.uint8)])
+
+
+def test_task_set_tables_track_subset_budgets(tmp_path):
+    model = make_model(seed=4)
+    images = make_images(8, seed=8)
+    calibrate(model, images, budgets=[0.5, 0.7], task_sets=[["normals", "semseg"]])
+    assert set(model.calibration["task_sets"]) == {"semseg,normals"}
+    for budget in (0.5, 0.7):
+        subset = mean_flops_ratio(model, images, budget, tasks=["semseg", "normals"])
+        assert subset == pytest.approx(budget, abs=0.03)
+    without_table = dict(model.calibration, task_sets={})
+    saved, model.calibration = model.calibration, without_table
+    assert mean_flops_ratio(model, images, 0.5, tasks=["semseg", "normals"]) != pytest.approx(
+        0.5, abs=0.005
+    )
+    model.calibration = saved
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    loaded, _ = load_checkpoint(path)
+    assert loaded.calibration["task_sets"] == model.calibration["task_sets"]
+
+
+def test_invalid_task_set_table_is_reported(tmp_path):
+    model = make_model()
+    model.calibration = {
+        "budgets": [0.5],
+        "offsets": [0.0],
+        "task_sets": {"semseg": {"budgets": [0.5], "offsets": [float("nan")]}},
+    }
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="invalid calibration table"):
+        load_checkpoint(path)
