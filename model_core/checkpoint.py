@@ -62,6 +62,8 @@ def save_checkpoint(
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Read and validate the metadata of checkpoint `path` without loading the weights."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -100,13 +102,16 @@ def load_checkpoint(
     path = Path(path)
     metadata = read_metadata(path)
     try:
+        for flag in ("adapt_blocks", "adapt_tokens"):
+            if not isinstance(metadata.get(flag, True), bool):
+                raise ValueError(f"{flag} must be true or false, got {metadata[flag]!r}")
         config = ModelConfig.from_dict(metadata["config"])
         model = AdaMTL(
             config,
             adapt_blocks=bool(metadata.get("adapt_blocks", True)),
             adapt_tokens=bool(metadata.get("adapt_tokens", True)),
         )
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         raise CheckpointError(
             f"checkpoint {path} has an invalid model configuration: {error}"
         ) from error
@@ -136,6 +141,9 @@ def load_checkpoint(
     ]
     if mismatched:
         raise CheckpointError(f"checkpoint {path} has tensors of the wrong shape: {mismatched[:8]}")
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if not_finite:
+        raise CheckpointError(f"checkpoint {path} has NaN or infinite values in {not_finite[:8]}")
     model.load_state_dict(state)
     calibration = metadata.get("calibration")
     if calibration is not None:
@@ -159,7 +167,7 @@ def _valid_table(table: Any) -> bool:
     numbers = budgets + offsets
     if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers):
         return False
-    return budgets == sorted(budgets)
+    return all(a < b for a, b in zip(budgets, budgets[1:], strict=False))
 
 
 def _valid_calibration(table: Any) -> bool:

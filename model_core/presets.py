@@ -7,6 +7,7 @@ A preset is plain data. `get_preset(name, **overrides)` returns a frozen `ModelC
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,22 @@ class ModelConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
+        for name in ("img_size", "embed_dim", "window_size", "decoder_width", "policy_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 4096:
+                raise ValueError(f"invalid {name} {value!r}: must be an integer in [1, 4096]")
+        for name in ("depths", "num_heads"):
+            values = getattr(self, name)
+            if not all(isinstance(v, int) and 0 < v <= 64 for v in values):
+                raise ValueError(f"invalid {name} {values!r}: must be integers in [1, 64]")
+        for name in ("min_budget", "gumbel_temperature", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"invalid {name} {value!r}: must be a positive finite number")
+        if not isinstance(self.classes, dict):
+            raise ValueError(
+                f"invalid classes {self.classes!r}: must map task names to class lists"
+            )
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(

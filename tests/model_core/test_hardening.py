@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 from model_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.model_core.conftest import make_model
@@ -71,4 +72,51 @@ def test_directory_raises(tmp_path: Path):
     path.mkdir()
 
     with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"img_size": 0},
+        {"embed_dim": -48},
+        {"img_size": 10**9},
+        {"classes": "x"},
+        {"min_budget": "0.3"},
+    ],
+    ids=["zero size", "negative width", "huge size", "classes not a dict", "budget string"],
+)
+def test_bad_config_raises_checkpoint_error(checkpoint_bytes, tmp_path, change):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(with_metadata(checkpoint_bytes, lambda m: m["config"].update(change)))
+    with pytest.raises(CheckpointError, match="invalid model configuration"):
+        load_checkpoint(path)
+
+
+def test_string_ablation_flag_raises(checkpoint_bytes, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(with_metadata(checkpoint_bytes, lambda m: m.update(adapt_blocks="false")))
+    with pytest.raises(CheckpointError, match="adapt_blocks must be true or false"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "budgets", [[float("nan"), 0.5], [0.5, 0.5]], ids=["nan budget", "repeated budget"]
+)
+def test_bad_calibration_grid_raises(checkpoint_bytes, tmp_path, budgets):
+    def change(metadata):
+        metadata["calibration"] = {"budgets": budgets, "offsets": [0.0, 1.0]}
+
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(with_metadata(checkpoint_bytes, change))
+    with pytest.raises(CheckpointError, match="invalid calibration table"):
+        load_checkpoint(path)
+
+
+def test_nan_weights_raise(tmp_path):
+    model = make_model()
+    with torch.no_grad():
+        model.heads["semseg"].decoder[1].weight[0, 0] = float("nan")
+    path = save_checkpoint(model, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or infinite values in"):
         load_checkpoint(path)
