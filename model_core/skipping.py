@@ -122,6 +122,11 @@ def run_block_packed(
     if keep_index.numel() == 0:
         zeros = torch.zeros(batch, dtype=torch.long, device=x.device)
         return x, PackedBlockStats(kept_tokens=kept_per_image, attended_windows=zeros)
+    if keep_index.numel() == keep.numel():
+        # Every token of every image is kept: timm's dense forward does the same work without
+        # the packing bookkeeping.
+        windows = torch.full((batch,), num_windows, dtype=torch.long, device=x.device)
+        return block(x), PackedBlockStats(kept_tokens=kept_per_image, attended_windows=windows)
 
     sample = keep_index // (height * width)  # (K,)
     position = keep_index % (height * width)  # (K,)
