@@ -1,3 +1,6 @@
+import json
+import struct
+
 import pytest
 import torch
 
@@ -30,3 +33,15 @@ def calibrated_model() -> AdaMTL:
     model = make_model()
     calibrate(model, make_images(8, seed=7), budgets=[0.3, 0.5, 0.7, 0.9])
     return model
+
+
+def with_metadata(raw: bytes, change) -> bytes:
+    """Return safetensors bytes `raw` with `change` applied to the adamtl metadata dict."""
+    header_size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + header_size])
+    metadata = json.loads(header["__metadata__"]["adamtl"])
+    change(metadata)
+    header["__metadata__"] = {"adamtl": json.dumps(metadata)}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from model_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.model_core.conftest import make_model
+from tests.model_core.conftest import make_model, with_metadata
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +17,6 @@ def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
     save_checkpoint(make_model(), path)
     return path.read_bytes()
-
-
-def with_metadata(raw: bytes, change) -> bytes:
-    header_size = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + header_size])
-    metadata = json.loads(header["__metadata__"]["adamtl"])
-    change(metadata)
-    header["__metadata__"] = {"adamtl": json.dumps(metadata)}
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :]
 
 
 def flip_header_byte(raw: bytes) -> bytes:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -19,6 +17,7 @@ import pytest
 from PIL import Image
 
 from service.batching import Batcher, QueueFullError
+from tests.model_core.conftest import with_metadata
 from tests.service.conftest import make_settings, running_server
 from tests.service.test_main import REPO_ROOT, service_env
 
@@ -168,15 +167,7 @@ def test_admission_slot_counts_until_release():
 
 def rewrite_metadata(source: Path, target: Path, change) -> Path:
     """Copy the checkpoint `source` to `target` with `change` applied to its metadata."""
-    raw = source.read_bytes()
-    header_size = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + header_size])
-    metadata = json.loads(header["__metadata__"]["adamtl"])
-    change(metadata)
-    header["__metadata__"] = {"adamtl": json.dumps(metadata)}
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    target.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :])
+    target.write_bytes(with_metadata(source.read_bytes(), change))
     return target
 
 

@@ -26,15 +26,7 @@ from training.engine import (
 from training.losses import MultiTaskLoss
 from training.stages import eval_loader, static_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run on one thread: with other processes on the cores, torch's spinning threads slow
-    the tests down many times. The previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
