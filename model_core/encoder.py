@@ -79,7 +79,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # noqa: BLE001 - any reader failure means an unusable file
         raise BackboneWeightsError(f"cannot read backbone weights {path}: {error}") from error
     if not isinstance(state, dict):
-        raise BackboneWeightsError(f"{path} holds a {type(state).__name__}, expected a state dict")
+        raise BackboneWeightsError(
+            f"invalid backbone weights {path}: found a {type(state).__name__}, "
+            "expected a state dict"
+        )
     return state
 
 

@@ -82,6 +82,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 4096:
                 raise ValueError(f"invalid {name} {value!r}: must be an integer in [1, 4096]")
+
         for name in ("depths", "num_heads"):
             values = getattr(self, name)
             if not all(isinstance(v, int) and 0 < v <= 64 for v in values):
@@ -90,6 +91,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"invalid {name} {value!r}: must be a positive finite number")
+
         if not isinstance(self.classes, dict):
             raise ValueError(
                 f"invalid classes {self.classes!r}: must map task names to class lists"

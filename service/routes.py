@@ -232,7 +232,7 @@ async def _image_from_multipart(request: Request, body: bytes) -> bytes | None:
         if isinstance(field, UploadFile):
             return await field.read()
         # Starlette drops a part that the body ends in, so a truncated body looks like one
-        # without an image; the missing closing delimiter tells the two apart.
+        # without an image. The missing closing delimiter distinguishes the two.
         if not _has_closing_delimiter(request.headers.get("content-type", ""), body):
             raise ServiceError(
                 400,

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     # Micro-batching.
     max_batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass, at most.")
     # 0 starts a batch as soon as the inference thread is free, as Triton's dynamic batcher
-    # does by default; requests that arrive meanwhile still form the next batch.
+    # does by default. Requests that arrive meanwhile still form the next batch.
     max_batch_wait_ms: float = Field(
         0.0,
         ge=0,
