@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_TASK_WEIGHTS",
     "MultiTaskLoss",
     "balanced_bce_loss",
+    "class_balance_weights",
     "cross_entropy_loss",
     "efficiency_loss",
     "normals_l1_loss",
@@ -51,19 +52,55 @@ def _check_spatial(task: str, output: Tensor, target: Tensor) -> None:
         )
 
 
-def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
+def cross_entropy_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy averaged over pixels whose target is not IGNORE_INDEX.
 
     Args:
         logits: (B, C, H, W).
         target: (B, H, W) int64 class indices or IGNORE_INDEX.
+        weight: optional (C,) weight per class. The loss is then the weighted mean: the sum of
+            weight[target] * loss over valid pixels divided by the sum of weight[target].
 
     Returns:
         Scalar; 0 if every pixel is ignored.
     """
-    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    num_valid = (target != IGNORE_INDEX).sum()
-    return total / num_valid.clamp(min=1)
+    total = F.cross_entropy(
+        logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    valid = target != IGNORE_INDEX
+    if weight is None:
+        return total / valid.sum().clamp(min=1)
+    denominator = weight[target[valid]].sum()
+    return total / denominator.clamp(min=torch.finfo(denominator.dtype).tiny)
+
+
+def class_balance_weights(pixel_counts: Tensor) -> Tensor:
+    """Class weights proportional to 1 / sqrt(frequency), for imbalanced label maps.
+
+    The weights are scaled so that the mean weight over the counted pixels is 1, which keeps
+    the loss on the scale of the unweighted one. A class with no pixel gets the largest
+    weight of the others. The square root softens plain inverse frequency, which would give a
+    class covering 0.3 % of the pixels about 300 times the weight of the background.
+
+    Args:
+        pixel_counts: (C,) number of labelled pixels per class; at least one must be positive.
+
+    Returns:
+        (C,) float32 weights.
+    """
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    if counts.ndim != 1 or bool((counts < 0).any()) or float(counts.sum()) <= 0:
+        raise ValueError(
+            f"pixel counts {counts.tolist()} must be one non-negative count per class with a "
+            "positive total; count labels over images that contain them"
+        )
+    frequency = counts / counts.sum()
+    present = frequency > 0
+    weights = torch.zeros_like(frequency)
+    weights[present] = frequency[present].rsqrt()
+    weights = weights / (frequency * weights).sum()
+    weights[~present] = weights[present].max()
+    return weights.float()
 
 
 def balanced_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -131,9 +168,16 @@ class MultiTaskLoss(nn.Module):
         tasks: Task names, a subset of TASKS.
         weights: Weight per task, DEFAULT_TASK_WEIGHTS where None. A dict must have a weight
             for every task in `tasks`.
+        class_weights: Optional (C,) class weights for the cross-entropy of "human_parts"
+            and "semseg" (see `class_balance_weights`); tasks without an entry are unweighted.
     """
 
-    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        weights: Mapping[str, float] | None = None,
+        class_weights: Mapping[str, Tensor] | None = None,
+    ) -> None:
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
@@ -146,6 +190,17 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"no loss weight for tasks {missing}; weights given: {dict(weights)}")
         self.tasks = tuple(tasks)
         self.weights = {t: float(weights[t]) for t in self.tasks}
+        class_weights = dict(class_weights or {})
+        not_labels = [t for t in class_weights if _TASK_LOSSES.get(t) is not cross_entropy_loss]
+        if not_labels:
+            raise ValueError(
+                f"class weights given for {not_labels}; only human_parts and semseg take them"
+            )
+        self.class_weights = {
+            t: torch.as_tensor(w, dtype=torch.float32)
+            for t, w in class_weights.items()
+            if t in self.tasks
+        }
 
     def forward(
         self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]
@@ -169,12 +224,23 @@ class MultiTaskLoss(nn.Module):
                 )
             output, target = outputs[task], batch[task]
             _check_spatial(task, output, target)
-            losses[task] = _TASK_LOSSES[task](output, target)
+            class_weight = self.class_weights.get(task)
+            if class_weight is None:
+                losses[task] = _TASK_LOSSES[task](output, target)
+                continue
+            if class_weight.shape != (output.shape[1],):
+                raise ValueError(
+                    f"{task} has {output.shape[1]} classes but {class_weight.numel()} class "
+                    "weights; compute the weights from this dataset's labels"
+                )
+            class_weight = class_weight.to(device=output.device, dtype=output.dtype)
+            losses[task] = cross_entropy_loss(output, target, class_weight)
         total = sum(self.weights[t] * losses[t] for t in self.tasks)
         return total, losses
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}"
+        weighted = sorted(self.class_weights)
+        return f"weights={self.weights}, class_weights={weighted}"
 
 
 def efficiency_loss(

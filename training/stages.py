@@ -43,7 +43,7 @@ from model_core.encoder import load_backbone_weights
 from model_core.model import AdaMTL
 from model_core.policy import budget_targets
 from model_core.predictor import Predictor
-from model_core.presets import ModelConfig, get_preset
+from model_core.presets import IGNORE_INDEX, ModelConfig, get_preset
 from training.datasets.common import collate_samples
 from training.datasets.transforms import test_transform, train_transform
 from training.engine import (
@@ -57,7 +57,7 @@ from training.engine import (
     unwrap,
     wrap_model,
 )
-from training.losses import MultiTaskLoss, efficiency_loss
+from training.losses import MultiTaskLoss, class_balance_weights, efficiency_loss
 
 __all__ = [
     "FIXED_SETTINGS",
@@ -130,6 +130,32 @@ def build_data(args: argparse.Namespace, config: ModelConfig) -> StageData:
     return StageData(
         train=train, calibration=calibration, val=val, name=f"{args.dataset}:{args.data}"
     )
+
+
+def label_class_weights(
+    dataset: Dataset, config: ModelConfig, max_images: int = 256
+) -> dict[str, torch.Tensor]:
+    """Class-balanced weights for each label-map task, from the pixel counts of `dataset`.
+
+    Counts the labels of up to `max_images` images spread evenly over the dataset (as the
+    model sees them, after its test transform) and turns them into weights with
+    `class_balance_weights`. Tasks whose labels never occur in those images stay unweighted.
+    """
+    tasks = [t for t in ("human_parts", "semseg") if t in config.tasks]
+    counts = {t: torch.zeros(len(config.classes[t]), dtype=torch.float64) for t in tasks}
+    step = max(1, len(dataset) // max_images)
+    for index in range(0, len(dataset), step)[:max_images]:
+        sample = dataset[index]
+        for task in tasks:
+            labels = sample[task].reshape(-1)
+            labels = labels[labels != IGNORE_INDEX]
+            if labels.numel() and int(labels.max()) >= len(counts[task]):
+                raise ValueError(
+                    f"{task} label {int(labels.max())} in training image {index} is outside "
+                    f"the {len(counts[task])} classes of preset {config.name!r}"
+                )
+            counts[task] += torch.bincount(labels, minlength=len(counts[task])).double()
+    return {t: class_balance_weights(c) for t, c in counts.items() if c.sum() > 0}
 
 
 def _epoch_loader(
@@ -416,7 +442,11 @@ class EpochPlan:
 
 
 def prepare_epoch(
-    model: AdaMTL, args: argparse.Namespace, epoch: int, context: DistributedContext
+    model: AdaMTL,
+    args: argparse.Namespace,
+    epoch: int,
+    context: DistributedContext,
+    class_weights: dict[str, torch.Tensor] | None = None,
 ) -> EpochPlan:
     """Set train/eval modes and trainable parameters for `epoch` and return its plan.
 
@@ -425,7 +455,8 @@ def prepare_epoch(
     Co-training epochs below --att-epochs are Alternating Task Training epochs: only the focus
     task is requested, so only its head runs, the other heads are frozen, and the other
     tasks' output rows of the policies are restored after every step. The shared encoder and
-    the policies' shared first layers train with the focus task.
+    the policies' shared first layers train with the focus task. `class_weights` weigh the
+    cross-entropy of the label-map tasks (see `label_class_weights`).
     """
     budget_rng = _budget_generator(args, epoch, context.rank)
     noise = _model_noise(args, epoch, context.rank, context.device)
@@ -435,7 +466,7 @@ def prepare_epoch(
     if args.stage == "static":
         _set_trainable(model, True)
         _set_trainable(model.policies, False)
-        return EpochPlan(static_loss(MultiTaskLoss(tasks)))
+        return EpochPlan(static_loss(MultiTaskLoss(tasks, class_weights=class_weights)))
     if args.stage == "policy_init":
         _set_trainable(model, False)
         _set_trainable(model.policies, True)
@@ -446,7 +477,13 @@ def prepare_epoch(
     _set_trainable(model, True)
     if epoch >= args.att_epochs:
         loss_function = cotrain_loss(
-            args, model.config, MultiTaskLoss(tasks), None, widths, budget_rng, noise
+            args,
+            model.config,
+            MultiTaskLoss(tasks, class_weights=class_weights),
+            None,
+            widths,
+            budget_rng,
+            noise,
         )
         return EpochPlan(loss_function, focus_task="all")
     focus = epoch % len(tasks)
@@ -457,7 +494,13 @@ def prepare_epoch(
         after_step = FrozenPolicySlices(model, focus).restore
     focus_tasks = [tasks[focus]]
     loss_function = cotrain_loss(
-        args, model.config, MultiTaskLoss(focus_tasks), focus_tasks, widths, budget_rng, noise
+        args,
+        model.config,
+        MultiTaskLoss(focus_tasks, class_weights=class_weights),
+        focus_tasks,
+        widths,
+        budget_rng,
+        noise,
     )
     return EpochPlan(loss_function, after_step, tasks[focus])
 
@@ -550,6 +593,7 @@ def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[st
             "lr": args.lr,
             "policy_lr": args.policy_lr,
             "alpha": args.alpha,
+            "class_weights": args.class_weights,
             "setting": args.setting,
             "policy_mode": args.policy_mode,
             "adapt": args.adapt,
@@ -568,6 +612,9 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
     model, _ = build_model(args)
     model.to(context.device)
     data = build_data(args, model.config)
+    class_weights = None
+    if args.class_weights == "balanced" and args.stage != "policy_init":
+        class_weights = label_class_weights(data.train, model.config)
     commit = git_commit()
     resolved = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -581,6 +628,9 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
         "train_images": len(data.train),
         "calibration_images": len(data.calibration),
         "val_images": len(data.val),
+        "class_weights": None
+        if class_weights is None
+        else {t: [round(float(w), 4) for w in weights] for t, weights in class_weights.items()},
     }
     if context.is_main:
         logger.info("resolved configuration: %s", json.dumps(resolved))
@@ -615,7 +665,7 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
         is_main=context.is_main,
     )
     for epoch in range(start_epoch, total_epochs):
-        plan = prepare_epoch(model, args, epoch, context)
+        plan = prepare_epoch(model, args, epoch, context, class_weights)
         wrapped = wrap_model(model, context)
         loader = _epoch_loader(data.train, args, context, epoch)
         summary = train_one_epoch(

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     schedule.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
     schedule.add_argument(
+        "--class-weights",
+        choices=("none", "balanced"),
+        default="none",
+        help="cross-entropy of human parts and semseg: unweighted as in the AdaMTL recipe, or "
+        "with class weights of 1/sqrt(pixel frequency) counted on the training labels",
+    )
+    schedule.add_argument(
         "--grad-clip", type=float, default=5.0, help="max gradient norm; 0 disables clipping"
     )
 
