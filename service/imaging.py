@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +21,11 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF
 # zlib level of the output PNGs: level 1 is several times faster than the default 6 on large
 # maps, and label maps still compress well at it.
 PNG_COMPRESS_LEVEL = 1
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour types and row filters (PNG specification, sections 11.2.2 and 9.2).
+_GREY, _RGB, _PALETTE = 0, 2, 3
+_FILTER_NONE, _FILTER_UP = 0, 2
 
 # Colour that transparent pixels are composited onto before inference.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -148,27 +155,86 @@ def class_palette(num_classes: int) -> list[int]:
     return palette
 
 
-def encode_png(image: Image.Image) -> str:
-    """Encode an image as PNG and return it as base64 text."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(
+    levels: np.ndarray, palette: Sequence[int] | None = None, smooth: bool = False
+) -> bytes:
+    """Write an 8-bit PNG of a (H, W) or (H, W, 3) uint8 array.
+
+    Pillow's encoder tries several row filters on every row, which costs more than the
+    compression itself on large maps (about 20 ms for a 640x480 RGB normals map on one core).
+    This writer applies one filter chosen by the caller, in numpy, and compresses with zlib's
+    run-length strategy, which suits maps with large flat areas; zlib releases the
+    interpreter lock, so several requests encode in parallel.
+
+    Args:
+        levels: (H, W) grey or palette indices, or (H, W, 3) RGB.
+        palette: flat RGB palette for a (H, W) index map, three entries per colour.
+        smooth: filter each row as its difference from the row above (PNG filter "Up"),
+            which compresses smooth maps (saliency, normals) much better. Label maps compress
+            best without a filter.
+
+    Returns:
+        The PNG file.
+    """
+    if (
+        levels.dtype != np.uint8
+        or levels.ndim not in (2, 3)
+        or levels.shape[0] * levels.shape[1] == 0
+    ):
+        raise ValueError(
+            f"need a non-empty (H, W) or (H, W, 3) uint8 array, got {levels.dtype} {levels.shape}"
+        )
+    height, width = levels.shape[:2]
+    channels = 1 if levels.ndim == 2 else levels.shape[2]
+    if channels not in (1, 3) or (palette is not None and channels != 1):
+        raise ValueError(f"cannot write {levels.shape} as a grey, palette or RGB PNG")
+    rows = np.ascontiguousarray(levels).reshape(height, width * channels)
+    scanlines = np.empty((height, width * channels + 1), dtype=np.uint8)
+    scanlines[:, 0] = _FILTER_UP if smooth else _FILTER_NONE
+    scanlines[:, 1:] = rows
+    if smooth:
+        # uint8 arithmetic wraps modulo 256, as the filter requires; row 0 has a zero row above.
+        np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])
+    compressor = zlib.compressobj(PNG_COMPRESS_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = compressor.compress(scanlines.data) + compressor.flush()
+
+    if channels == 3:
+        colour_type = _RGB
+    elif palette is None:
+        colour_type = _GREY
+    else:
+        colour_type = _PALETTE
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    parts = [_PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
+    if palette is not None:
+        parts.append(_png_chunk(b"PLTE", bytes(palette)))
+    parts += [_png_chunk(b"IDAT", data), _png_chunk(b"IEND", b"")]
+    return b"".join(parts)
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def encode_saliency(probability: np.ndarray) -> str:
     """Encode a (H, W) float map in [0, 1] as an 8-bit grayscale PNG (255 = probability 1)."""
     levels = np.clip(np.round(probability * 255.0), 0, 255).astype(np.uint8)
-    return encode_png(Image.fromarray(levels))
+    return _base64(png_bytes(levels, smooth=True))
 
 
 def encode_labels(labels: np.ndarray, classes: Sequence[str]) -> str:
     """Encode a (H, W) uint8 class-index map as a palette PNG whose pixel values are the indices."""
-    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
-    image.putpalette(class_palette(len(classes)))  # turns the "L" image into "P", indices kept
-    return encode_png(image)
+    labels = np.asarray(labels, dtype=np.uint8)
+    num_colours = max(len(classes), int(labels.max()) + 1)
+    palette = class_palette(num_colours)[: 3 * num_colours]
+    return _base64(png_bytes(labels, palette=palette))
 
 
 def encode_normals(normals: np.ndarray) -> str:
     """Encode (H, W, 3) unit normals as an RGB PNG with value = (n + 1) / 2 * 255."""
     levels = np.clip(np.round((normals + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    return encode_png(Image.fromarray(np.ascontiguousarray(levels)))
+    return _base64(png_bytes(levels, smooth=True))

@@ -116,6 +116,48 @@ def test_encode_normals_mapping():
     assert np.asarray(image).tolist() == [[[128, 128, 255], [0, 255, 128]]]
 
 
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (48, 33, 3), (1, 9, 3)])
+def test_png_writer_round_trips_through_pillow(shape, smooth):
+    # Random values make the "Up" filter wrap around modulo 256 in both directions.
+    levels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    image = Image.open(io.BytesIO(imaging.png_bytes(levels, smooth=smooth)))
+    image.load()  # reads every chunk and checks its CRC
+    assert image.mode == ("L" if len(shape) == 2 else "RGB")
+    assert image.size == (shape[1], shape[0])
+    assert np.array_equal(np.asarray(image), levels)
+
+
+def test_png_writer_palette_and_smooth_maps_compress():
+    labels = np.zeros((480, 640), dtype=np.uint8)
+    labels[100:300, 200:500] = 3
+    data = imaging.png_bytes(labels, palette=imaging.class_palette(4)[:12])
+    image = Image.open(io.BytesIO(data))
+    assert image.mode == "P"
+    assert image.getpalette()[9:12] == imaging.class_palette(4)[9:12]
+    assert np.array_equal(np.asarray(image), labels)
+    assert len(data) < 5_000, "a two-region label map must compress to a few kilobytes"
+    # A diagonal ramp. Without a filter, neighbouring bytes rarely repeat. With "Up", each row
+    # becomes differences of 0 and 1, which compress to about half the size.
+    rows, columns = np.mgrid[0:480, 0:640]
+    ramp = ((rows + columns) * 255 // (479 + 639)).astype(np.uint8)
+    assert len(imaging.png_bytes(ramp, smooth=True)) < 0.6 * len(imaging.png_bytes(ramp))
+
+
+@pytest.mark.parametrize(
+    ("levels", "palette", "match"),
+    [
+        (np.zeros((4, 4), dtype=np.float32), None, "uint8"),
+        (np.zeros((0, 4), dtype=np.uint8), None, "non-empty"),
+        (np.zeros((4, 4, 4), dtype=np.uint8), None, "cannot write"),
+        (np.zeros((4, 4, 3), dtype=np.uint8), [0, 0, 0], "cannot write"),
+    ],
+)
+def test_png_writer_rejects_other_arrays(levels, palette, match):
+    with pytest.raises(ValueError, match=match):
+        imaging.png_bytes(levels, palette=palette)
+
+
 def test_class_palette_distinct_for_256_indices():
     palette = imaging.class_palette(256)
     colours = {tuple(palette[i : i + 3]) for i in range(0, len(palette), 3)}
