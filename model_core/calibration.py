@@ -1,6 +1,6 @@
 """Budget calibration: the gate offset that makes the mean FLOPs ratio equal the budget.
 
-For each budget on a grid, `calibrate` bisects a scalar offset added to every keep logit until
+For each budget on a grid, `calibrate` searches a scalar offset added to every keep logit until
 the mean executed FLOPs ratio over the calibration images equals the budget. Each image still
 gets more or less work than the mean by its content. Works for any weights, trained or not.
 """
@@ -54,6 +54,60 @@ def mean_flops_ratio(
         model.calibration = saved
 
 
+def _solve_offset(
+    ratio, budget: float, guess: float, step: float, tolerance: float, max_steps: int
+) -> float:
+    """Return the offset whose ratio is closest to `budget`, found from `guess`.
+
+    `ratio` rises with the offset. The search first steps away from `guess`, doubling the
+    step, until the budget is bracketed, then narrows the bracket by false position with the
+    Illinois correction, which needs a few evaluations where bisection needs about ten.
+    """
+    best = guess
+    lo = hi = None  # (offset, ratio - budget), below and above the budget
+    offset, error = guess, ratio(guess) - budget
+    while True:
+        if abs(error) < abs(ratio(best) - budget):
+            best = offset
+        if abs(error) <= tolerance:
+            return best
+        if error < 0:
+            lo = (offset, error)
+        else:
+            hi = (offset, error)
+        if lo is not None and hi is not None:
+            break
+        if abs(offset) > 1e4:  # the budget is out of reach: keep the closest offset
+            return best
+        offset = offset + step if error < 0 else offset - step
+        error = ratio(offset) - budget
+        step *= 2
+    side = 0
+    for _ in range(max_steps):
+        (x_lo, f_lo), (x_hi, f_hi) = lo, hi
+        offset = x_hi - f_hi * (x_hi - x_lo) / (f_hi - f_lo)
+        if not x_lo < offset < x_hi:
+            offset = 0.5 * (x_lo + x_hi)
+        error = ratio(offset) - budget
+        if abs(error) < abs(ratio(best) - budget):
+            best = offset
+        if abs(error) <= tolerance or x_hi - x_lo < 1e-6:
+            break
+        # Illinois: halve the stale end's error when the same end moves twice in a row, so
+        # the bracket shrinks from both sides.
+        if error < 0:
+            lo = (offset, error)
+            if side < 0:
+                hi = (x_hi, f_hi / 2)
+            side = -1
+        else:
+            hi = (offset, error)
+            if side > 0:
+                lo = (x_lo, f_lo / 2)
+            side = 1
+    return best
+
+
 def _calibrate_table(
     model: AdaMTL,
     images: torch.Tensor,
@@ -62,12 +116,16 @@ def _calibrate_table(
     tolerance: float,
     max_steps: int,
     batch_size: int,
+    guesses: Sequence[float] | None = None,
 ) -> dict[str, list[float]]:
-    """Bisect the gate offset of each budget in `grid` for one task set."""
+    """Find the gate offset of each budget in `grid` for one task set.
+
+    Each search starts from `guesses[i]` when given (the all-task table, for a task subset),
+    otherwise from the previous budget's offset extrapolated along the table so far.
+    """
     offsets, achieved = [], []
-    low, high = -16.0, 16.0
-    for budget in grid:
-        ratio_at = {}
+    for index, budget in enumerate(grid):
+        ratio_at: dict[float, float] = {}
 
         def ratio(offset: float, budget: float = budget, cache: dict = ratio_at) -> float:
             if offset not in cache:
@@ -76,32 +134,27 @@ def _calibrate_table(
                 )
             return cache[offset]
 
-        lo, hi = low, high
-        # Widen the bracket until it contains the budget (the ratio rises with the offset).
-        while ratio(lo) > budget and lo > -1e4:
-            lo *= 2
-        while ratio(hi) < budget and hi < 1e4:
-            hi *= 2
-        best = min((lo, hi), key=lambda o: abs(ratio(o) - budget))
-        for _ in range(max_steps):
-            middle = 0.5 * (lo + hi)
-            value = ratio(middle)
-            if abs(value - budget) < abs(ratio(best) - budget):
-                best = middle
-            if abs(value - budget) <= tolerance:
-                break
-            if value < budget:
-                lo = middle
-            else:
-                hi = middle
+        if guesses is not None:
+            guess, step = guesses[index], 0.25
+        elif index >= 2:
+            slope = (offsets[-1] - offsets[-2]) / (grid[index - 1] - grid[index - 2])
+            guess = offsets[-1] + slope * (budget - grid[index - 1])
+            step = max(abs(guess - offsets[-1]), 0.25)
+        elif index == 1:
+            guess, step = offsets[-1] + 0.5, 0.5
+        else:
+            guess, step = 0.0, 1.0
+        best = _solve_offset(ratio, budget, guess, step, tolerance, max_steps)
         offsets.append(float(best))
         achieved.append(float(ratio(best)))
         logger.info(
-            "calibrated budget %.3f for tasks %s: offset %.4f, mean FLOPs ratio %.4f",
+            "calibrated budget %.3f for tasks %s: offset %.4f, mean FLOPs ratio %.4f "
+            "(%d passes over the images)",
             budget,
             "all" if tasks is None else ",".join(tasks),
             best,
             ratio(best),
+            len(ratio_at),
         )
     # Keep offsets non-decreasing in the budget so interpolation never inverts the order.
     offsets = [float(o) for o in np.maximum.accumulate(np.asarray(offsets))]
@@ -125,7 +178,7 @@ def calibrate(
         images: (N, 3, S, S) normalised calibration images, never the evaluation images.
         budgets: budget grid; defaults to `default_budget_grid(config.min_budget)`.
         tolerance: stop bisecting once the mean ratio is within this of the budget.
-        max_steps: bisection steps per budget.
+        max_steps: search steps per budget once the budget is bracketed.
         batch_size: images per forward pass.
         task_sets: subsets of the tasks that get a table of their own. A request for fewer
             tasks keeps fewer tokens at the same offset, so without its own table its FLOPs
@@ -144,7 +197,7 @@ def calibrate(
         model.task_mask([list(tasks)], 1)  # raises InvalidRequestError for unknown names
         ordered = [t for t in model.config.tasks if t in tasks]
         table["task_sets"][task_set_key(ordered)] = _calibrate_table(
-            model, images, grid, ordered, tolerance, max_steps, batch_size
+            model, images, grid, ordered, tolerance, max_steps, batch_size, table["offsets"]
         )
     model.calibration = table
     model.train(was_training)

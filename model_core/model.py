@@ -322,52 +322,54 @@ class AdaMTL(nn.Module):
             if stage_index > 0:
                 flops += costs["merges"][stage_index - 1]
             height, width = x.shape[1:3]
-            if any_adaptive:
-                stage_blocks, stage_tokens = self._stage_masks(
-                    stage_index,
-                    x,
-                    budgets,
-                    task_mask,
-                    adaptive,
-                    random_keep,
-                    generator,
-                    policy_flops,
-                )
+            depth = len(stage.blocks)
+            stage_costs = costs["blocks"][block_index : block_index + depth]
+            block_index += depth
+            if not any_adaptive:
+                x = stage.blocks(x)
+                ones = torch.ones(batch, depth, device=device)
+                block_keep.append(ones)
+                token_keep.append(ones)
+                executed.append(ones)
+                flops += sum(c["tokens"] * c["per_token"] + c["windows"] * c["per_window"]
+                             for c in stage_costs)  # fmt: skip
+                if return_masks:
+                    all_kept = torch.ones(batch, height, width, dtype=torch.bool, device=device)
+                    keep_masks.extend([all_kept] * depth)
+                features.append(self.encoder.output_norm(stage_index, x).permute(0, 3, 1, 2))
+                continue
+
+            stage_blocks, stage_tokens = self._stage_masks(
+                stage_index, x, budgets, task_mask, adaptive, random_keep, generator, policy_flops
+            )  # (B, depth), (B, depth, H, W)
+            # All of the stage's masks at once: per-block tensor operations cost more than
+            # their arithmetic at batch 1.
+            stage_keep = stage_blocks.view(batch, depth, 1, 1) * stage_tokens
+            stage_keep_bool = stage_keep.detach() > 0.5
+            kept_tokens, attended_windows = [], []
             for depth_index, block in enumerate(stage.blocks):
-                cost = costs["blocks"][block_index]
-                if not any_adaptive:
-                    x = block(x)
-                    ones = torch.ones(batch, device=device)
-                    block_keep.append(ones)
-                    token_keep.append(ones)
-                    executed.append(ones)
-                    flops += (
-                        cost["tokens"] * cost["per_token"] + cost["windows"] * cost["per_window"]
-                    )
-                    if return_masks:
-                        keep_masks.append(
-                            torch.ones(batch, height, width, dtype=torch.bool, device=device)
-                        )
-                    block_index += 1
-                    continue
-                block_mask = stage_blocks[:, depth_index]  # (B,)
-                token_mask = stage_tokens[:, depth_index]  # (B, H, W)
-                keep = block_mask.view(batch, 1, 1) * token_mask  # (B, H, W)
-                keep_bool = keep.detach() > 0.5
+                keep_bool = stage_keep_bool[:, depth_index]
                 if self.training:
-                    x = run_block_masked(block, x, keep)
-                    kept = keep_bool.reshape(batch, -1).sum(1)
-                    windows = _attended_windows(block, keep_bool)
+                    x = run_block_masked(block, x, stage_keep[:, depth_index])
+                    kept_tokens.append(keep_bool.reshape(batch, -1).sum(1))
+                    attended_windows.append(_attended_windows(block, keep_bool))
                 else:
                     x, packed = run_block_packed(block, x, keep_bool)
-                    kept, windows = packed.kept_tokens, packed.attended_windows
-                flops += kept.double() * cost["per_token"] + windows.double() * cost["per_window"]
-                block_keep.append(block_mask)
-                token_keep.append(token_mask.mean(dim=(1, 2)))
-                executed.append(kept.float() / cost["tokens"])
+                    kept_tokens.append(packed.kept_tokens)
+                    attended_windows.append(packed.attended_windows)
                 if return_masks:
                     keep_masks.append(keep_bool)
-                block_index += 1
+            kept = torch.stack(kept_tokens, dim=1).double()  # (B, depth)
+            windows = torch.stack(attended_windows, dim=1).double()
+            per_token, per_window, tokens = torch.tensor(
+                [[c["per_token"], c["per_window"], c["tokens"]] for c in stage_costs],
+                dtype=torch.float64,
+                device=device,
+            ).unbind(1)
+            flops += (kept * per_token + windows * per_window).sum(1)
+            block_keep.append(stage_blocks)
+            token_keep.append(stage_tokens.mean(dim=(2, 3)))
+            executed.append((kept / tokens).float())
             features.append(self.encoder.output_norm(stage_index, x).permute(0, 3, 1, 2))
 
         outputs = {}
@@ -378,14 +380,14 @@ class AdaMTL(nn.Module):
                 outputs[task] = self._run_head(task, features, rows)
         flops += policy_flops
 
-        executed_ratio = torch.stack(executed, dim=1)  # (B, L)
+        executed_ratio = torch.cat(executed, dim=1)  # (B, L)
         widths = torch.tensor(
             [b["dim"] for b in costs["blocks"]], dtype=torch.float32, device=device
         )
         stage_ratio = torch.stack(
             [part.mean(1) for part in executed_ratio.split(list(self.config.depths), dim=1)], dim=1
         )
-        block_keep_t = torch.stack(block_keep, dim=1)
+        block_keep_t = torch.cat(block_keep, dim=1)
         head_costs = torch.tensor(
             [costs["heads"][t] for t in self.config.tasks], dtype=torch.float64, device=device
         )
@@ -396,7 +398,7 @@ class AdaMTL(nn.Module):
             policy_flops=policy_flops,
             budgets=budgets,
             block_keep=block_keep_t,
-            token_keep=torch.stack(token_keep, dim=1),
+            token_keep=torch.cat(token_keep, dim=1),
             executed_token_ratio=executed_ratio,
             stage_token_ratio=stage_ratio,
             tokens_ratio=(executed_ratio * widths).sum(1) / widths.sum(),

@@ -95,6 +95,44 @@ def _shift_mask(block: SwinTransformerBlock) -> torch.Tensor | None:
     return block.attn_mask
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_layout(
+    batch: int, height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window of the whole batch, and slot, of every flat (B * H * W) token index."""
+    layout = window_layout(height, width, window, shift, device)
+    offsets = torch.arange(batch, device=device).view(-1, 1) * layout.num_windows
+    global_window = (offsets + layout.window_of_position.view(1, -1)).reshape(-1)
+    return global_window.contiguous(), layout.slot_of_position.repeat(batch)
+
+
+def _window_bias(block: SwinTransformerBlock) -> torch.Tensor:
+    """Relative position bias plus shift mask, (1 or num_windows, heads, A, A), cached.
+
+    timm gathers the bias from its table on every call. At inference the table does not
+    change, so the packed path keeps the result on the block. It rebuilds it when the table or
+    the shift mask is another tensor, or was modified in place (by an optimizer step or
+    `load_state_dict`, for example).
+    """
+    attn = block.attn
+    table = attn.relative_position_bias_table
+    shift_mask = _shift_mask(block)
+    key = (
+        table.data_ptr(),
+        table._version,
+        None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version),
+    )
+    cached = getattr(block, "_packed_window_bias", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        bias = attn._get_rel_pos_bias()  # (1, heads, A, A)
+        if shift_mask is not None:
+            bias = bias + shift_mask.unsqueeze(1)  # (nW, heads, A, A)
+    block._packed_window_bias = (key, bias)
+    return bias
+
+
 def run_block_packed(
     block: SwinTransformerBlock, x: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor, PackedBlockStats]:
@@ -111,10 +149,9 @@ def run_block_packed(
     """
     batch, height, width, channels = x.shape
     attn = block.attn
-    layout = window_layout(
-        height, width, tuple(block.window_size), tuple(block.shift_size), x.device
-    )
-    num_windows, area = layout.num_windows, layout.window_area
+    window, shift = tuple(block.window_size), tuple(block.shift_size)
+    num_windows = (height // window[0]) * (width // window[1])
+    area = window[0] * window[1]
 
     flat = x.reshape(batch * height * width, channels)  # (B*H*W, C)
     keep_index = keep.reshape(-1).nonzero().squeeze(1)  # (K,)
@@ -128,37 +165,34 @@ def run_block_packed(
         windows = torch.full((batch,), num_windows, dtype=torch.long, device=x.device)
         return block(x), PackedBlockStats(kept_tokens=kept_per_image, attended_windows=windows)
 
-    sample = keep_index // (height * width)  # (K,)
-    position = keep_index % (height * width)  # (K,)
-    global_window = sample * num_windows + layout.window_of_position[position]  # (K,)
-    slot = layout.slot_of_position[position]  # (K,)
+    window_table, slot_table = _batch_layout(batch, height, width, window, shift, x.device)
+    global_window = window_table.index_select(0, keep_index)  # (K,)
+    slot = slot_table.index_select(0, keep_index)  # (K,)
 
     # Compact the occupied windows without sorting: a cumulative sum numbers them in order.
     occupied = torch.zeros(batch * num_windows, dtype=torch.long, device=x.device)
-    occupied[global_window] = 1
+    occupied.index_fill_(0, global_window, 1)
     compact = occupied.cumsum(0) - 1  # (B*nW,)
-    window_row = compact[global_window]  # (K,)
     occupied_ids = occupied.nonzero().squeeze(1)  # (U,)
     num_occupied = occupied_ids.numel()
+    # Row of each kept token in the (U * A) matrix of occupied window slots.
+    dense_row = compact.index_select(0, global_window) * area + slot  # (K,)
 
     kept = flat.index_select(0, keep_index)  # (K, C)
     qkv = attn.qkv(block.norm1(kept))  # (K, 3C)
-    dense_qkv = qkv.new_zeros(num_occupied, area, qkv.shape[1])  # (U, A, 3C)
-    dense_qkv[window_row, slot] = qkv
-    key_valid = torch.zeros(num_occupied, area, dtype=torch.bool, device=x.device)
-    key_valid[window_row, slot] = True
+    dense_qkv = qkv.new_zeros(num_occupied * area, qkv.shape[1]).index_copy_(0, dense_row, qkv)
+    # Additive key mask: 0 for kept tokens, -inf for empty slots, which no query attends to.
+    key_mask = torch.full((num_occupied * area,), float("-inf"), dtype=qkv.dtype, device=x.device)
+    key_mask.index_fill_(0, dense_row, 0.0)
 
     q, k, v = dense_qkv.view(num_occupied, area, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    bias = attn._get_rel_pos_bias()  # (1, heads, A, A)
-    shift_mask = _shift_mask(block)
-    if shift_mask is not None:
-        local_window = occupied_ids % num_windows  # (U,)
-        bias = bias + shift_mask.index_select(0, local_window).unsqueeze(1)  # (U, heads, A, A)
-    bias = bias.expand(num_occupied, -1, -1, -1)
-    bias = bias.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    bias = _window_bias(block).to(qkv.dtype)  # (1 or nW, heads, A, A)
+    if bias.shape[0] > 1:
+        bias = bias.index_select(0, occupied_ids % num_windows)  # (U, heads, A, A)
+    bias = bias + key_mask.view(num_occupied, 1, 1, area)  # (U, heads, A, A)
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (U, heads, A, hd)
-    attended = attended.transpose(1, 2).reshape(num_occupied, area, -1)  # (U, A, C)
-    attended = attn.proj(attended[window_row, slot])  # (K, C)
+    attended = attended.transpose(1, 2).reshape(num_occupied * area, -1)  # (U*A, C)
+    attended = attn.proj(attended.index_select(0, dense_row))  # (K, C)
 
     kept = kept + attended
     kept = kept + block.mlp(block.norm2(kept))
