@@ -120,8 +120,9 @@ def _calibrate_table(
 ) -> dict[str, list[float]]:
     """Find the gate offset of each budget in `grid` for one task set.
 
-    Each search starts from `guesses[i]` when given (the all-task table, for a task subset),
-    otherwise from the previous budget's offset extrapolated along the table so far.
+    Each search starts from the previous budget's offset, moved by the step between
+    `guesses[i - 1]` and `guesses[i]` when given (the all-task table, for a task subset) and
+    otherwise extrapolated along the table so far.
     """
     offsets, achieved = [], []
     for index, budget in enumerate(grid):
@@ -134,8 +135,12 @@ def _calibrate_table(
                 )
             return cache[offset]
 
-        if guesses is not None:
-            guess, step = guesses[index], 0.25
+        if guesses is not None and index > 0:
+            # A task subset's offsets follow the all-task table's steps from its own start.
+            move = guesses[index] - guesses[index - 1]
+            guess, step = offsets[-1] + move, max(abs(move), 0.25)
+        elif guesses is not None:
+            guess, step = guesses[0], 1.0
         elif index >= 2:
             slope = (offsets[-1] - offsets[-2]) / (grid[index - 1] - grid[index - 2])
             guess = offsets[-1] + slope * (budget - grid[index - 1])
