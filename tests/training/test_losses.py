@@ -12,6 +12,7 @@ from training.losses import (
     DEFAULT_TASK_WEIGHTS,
     MultiTaskLoss,
     balanced_bce_loss,
+    class_balance_weights,
     cross_entropy_loss,
     efficiency_loss,
     normals_l1_loss,
@@ -30,6 +31,30 @@ def test_cross_entropy_ignores_pixels() -> None:
     logits = torch.tensor([[[[0.0, math.log(3.0), 5.0]], [[0.0, 0.0, 0.0]]]])  # (1, 2, 1, 3)
     target = torch.tensor([[[0, 1, IGNORE_INDEX]]])
     _close(cross_entropy_loss(logits, target), (LN2 + 2 * LN2) / 2)
+
+
+def test_cross_entropy_class_weights_weighted_mean() -> None:
+    # Same pixels as above with class weights (1, 3): (1 * ln 2 + 3 * ln 4) / (1 + 3).
+    logits = torch.tensor([[[[0.0, math.log(3.0), 5.0]], [[0.0, 0.0, 0.0]]]])
+    target = torch.tensor([[[0, 1, IGNORE_INDEX]]])
+    loss = cross_entropy_loss(logits, target, torch.tensor([1.0, 3.0]))
+    _close(loss, (LN2 + 3 * 2 * LN2) / 4)
+    all_ignored = torch.full((1, 1, 3), IGNORE_INDEX)
+    assert cross_entropy_loss(logits, all_ignored, torch.tensor([1.0, 3.0])).item() == 0.0
+
+
+def test_class_balance_weights_inverse_sqrt_frequency() -> None:
+    # Frequencies 0.64, 0.16, 0.16, 0.04 and one absent class: raw weights 1/0.8, 1/0.4,
+    # 1/0.4, 1/0.2; sum(frequency * raw) = 0.8 + 0.4 + 0.4 + 0.2 = 1.8.
+    weights = class_balance_weights(torch.tensor([64, 16, 16, 4, 0]))
+    expected = [1.25 / 1.8, 2.5 / 1.8, 2.5 / 1.8, 5 / 1.8, 5 / 1.8]
+    assert weights.tolist() == pytest.approx(expected, rel=1e-6)
+    frequency = torch.tensor([0.64, 0.16, 0.16, 0.04, 0.0])
+    assert float((frequency * weights).sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="positive total"):
+        class_balance_weights(torch.zeros(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        class_balance_weights(torch.tensor([3.0, -1.0]))
 
 
 def test_cross_entropy_all_ignored_is_zero() -> None:
@@ -150,6 +175,20 @@ def test_multitask_loss_custom_weights() -> None:
         0.5 * losses["semseg"].item() + 2 * losses["normals"].item()
     )
     assert set(losses) == {"semseg", "normals"}
+
+
+def test_multitask_loss_class_weights() -> None:
+    outputs, batch = _batch_and_outputs()
+    weights = torch.linspace(0.5, 2.5, 21)
+    total, losses = MultiTaskLoss(["semseg"], class_weights={"semseg": weights})(outputs, batch)
+    expected = cross_entropy_loss(outputs["semseg"], batch["semseg"], weights)
+    assert losses["semseg"].item() == pytest.approx(expected.item())
+    unweighted = cross_entropy_loss(outputs["semseg"], batch["semseg"])
+    assert losses["semseg"].item() != pytest.approx(unweighted.item())
+    with pytest.raises(ValueError, match="21 classes but 7 class weights"):
+        MultiTaskLoss(["semseg"], class_weights={"semseg": torch.ones(7)})(outputs, batch)
+    with pytest.raises(ValueError, match="only human_parts and semseg"):
+        MultiTaskLoss(["normals"], class_weights={"normals": torch.ones(3)})
 
 
 def test_multitask_loss_invalid_arguments() -> None:

@@ -19,7 +19,12 @@ from training.datasets.common import collate_samples
 from training.datasets.scenes import ScenesDataset, generate_split
 from training.datasets.transforms import test_transform
 from training.engine import DistributedContext
-from training.stages import FrozenPolicySlices, build_optimizer, prepare_epoch
+from training.stages import (
+    FrozenPolicySlices,
+    build_optimizer,
+    label_class_weights,
+    prepare_epoch,
+)
 from training.train import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +121,34 @@ def test_static_stage_outputs(data_root, tmp_path):
     assert log.index("git commit") < log.index("static epoch 1/2 step 2/2")
     state = torch.load(stage_dir / "state.pt", weights_only=True)
     assert state["epoch"] == 2
+
+
+def test_label_class_weights_from_training_labels(data_root):
+    dataset = ScenesDataset(data_root, "train", test_transform(64))
+    config = get_preset("tiny")
+    weights = label_class_weights(dataset, config)
+    assert set(weights) == {"human_parts", "semseg"}
+    counts = torch.zeros(len(config.classes["semseg"]))
+    for index in range(len(dataset)):
+        labels = dataset[index]["semseg"].reshape(-1)
+        counts += torch.bincount(labels[labels != 255], minlength=len(counts)).float()
+    frequency = counts / counts.sum()
+    # Rarer classes weigh more, and the mean weight over the labelled pixels is 1.
+    rare, common = int(frequency[frequency > 0].argmin()), int(frequency.argmax())
+    assert weights["semseg"][rare] > weights["semseg"][common]
+    assert float((frequency * weights["semseg"]).sum()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_static_stage_with_class_weights_records_them(data_root, tmp_path):
+    args = parse(
+        data_root, tmp_path, "--stage", "static", "--preset", "tiny", "--epochs", "1",
+        "--steps-per-epoch", "1", "--class-weights", "balanced",
+    )  # fmt: skip
+    path = main(args)
+    _, metadata = load_checkpoint(path)
+    assert metadata["provenance"]["schedule"]["class_weights"] == "balanced"
+    resolved = json.loads((tmp_path / "static" / "config.json").read_text())
+    assert len(resolved["class_weights"]["semseg"]) == len(get_preset("tiny").classes["semseg"])
 
 
 def test_policy_init_drives_masks_towards_one(data_root, batch, tmp_path):
