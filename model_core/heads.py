@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TaskHead"]
+__all__ = ["TaskHead", "project_stages"]
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
@@ -80,7 +80,11 @@ class TaskHead(nn.Module):
                     feature, size=head_size, mode="bilinear", align_corners=False
                 )
             projected.append(feature)
-        fused = self.fuse(torch.cat(projected, dim=1))
+        return self.decode(projected)
+
+    def decode(self, projected: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fuse and decode the four projected maps, each (B, width, H, W) at head resolution."""
+        fused = self.fuse(torch.cat(list(projected), dim=1))
         return self.decoder(self.residual(fused))
 
     def flops_per_image(
@@ -95,3 +99,36 @@ class TaskHead(nn.Module):
         total += 3 * pixels * self.width * self.width * 9  # residual block and first decoder conv
         total += pixels * self.width * self.out_channels  # output conv
         return total
+
+
+def project_stages(
+    heads: Sequence[TaskHead], features: Sequence[torch.Tensor], head_size: tuple[int, int]
+) -> list[list[torch.Tensor]]:
+    """Project and resize the stage outputs for several heads at once.
+
+    Computes what each head's `forward` computes before `decode`: its 1x1 projection of every
+    stage output, resized bilinearly to `head_size`. The heads' projection weights of a stage
+    are stacked into one matrix that multiplies the channels-last stage output, and the
+    result is resized once for all heads. This gives the same values as the per-head
+    convolutions (resizing is linear per channel, so it commutes with the projection) with
+    one matrix product and one resize per stage instead of one of each per head.
+
+    Args:
+        heads: the heads to project for.
+        features: four (B, H_i, W_i, C_i) stage outputs, channels last.
+        head_size: (H, W) of the fused maps.
+
+    Returns:
+        One list per head of four (B, width, H, W) maps, ready for `TaskHead.decode`.
+    """
+    widths = [head.width for head in heads]
+    per_stage = []
+    for stage_index, feature in enumerate(features):
+        weight = torch.cat([head.projections[stage_index].weight.flatten(1) for head in heads])
+        projected = F.linear(feature, weight).permute(0, 3, 1, 2)  # (B, sum(widths), H_i, W_i)
+        if projected.shape[-2:] != head_size:
+            projected = F.interpolate(
+                projected, size=head_size, mode="bilinear", align_corners=False
+            )
+        per_stage.append(projected.split(widths, dim=1))
+    return [[stage[index] for stage in per_stage] for index in range(len(heads))]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_core.encoder import SwinEncoder
-from model_core.heads import TaskHead
+from model_core.heads import TaskHead, project_stages
 from model_core.policy import StagePolicy, gumbel_sigmoid_gate, union_over_tasks
 from model_core.presets import ModelConfig
 from model_core.skipping import run_block_masked, run_block_packed, window_layout
@@ -336,7 +336,7 @@ class AdaMTL(nn.Module):
                 if return_masks:
                     all_kept = torch.ones(batch, height, width, dtype=torch.bool, device=device)
                     keep_masks.extend([all_kept] * depth)
-                features.append(self.encoder.output_norm(stage_index, x).permute(0, 3, 1, 2))
+                features.append(self.encoder.output_norm(stage_index, x))  # (B, H, W, C)
                 continue
 
             stage_blocks, stage_tokens = self._stage_masks(
@@ -354,7 +354,12 @@ class AdaMTL(nn.Module):
                     kept_tokens.append(keep_bool.reshape(batch, -1).sum(1))
                     attended_windows.append(_attended_windows(block, keep_bool))
                 else:
-                    x, packed = run_block_packed(block, x, keep_bool)
+                    # Without autograd the block may write into its input: nothing reads it
+                    # afterwards, and it is never the caller's tensor (patch embedding and
+                    # downsampling return new ones).
+                    x, packed = run_block_packed(
+                        block, x, keep_bool, inplace=not torch.is_grad_enabled()
+                    )
                     kept_tokens.append(packed.kept_tokens)
                     attended_windows.append(packed.attended_windows)
                 if return_masks:
@@ -370,14 +375,32 @@ class AdaMTL(nn.Module):
             block_keep.append(stage_blocks)
             token_keep.append(stage_tokens.mean(dim=(2, 3)))
             executed.append((kept / tokens).float())
-            features.append(self.encoder.output_norm(stage_index, x).permute(0, 3, 1, 2))
+            features.append(self.encoder.output_norm(stage_index, x))  # (B, H, W, C)
 
         outputs = {}
+        # Heads that every image requested share one projection pass; the others run on
+        # their own rows.
+        shared, own_rows = [], []
         for task_index, task in enumerate(self.config.tasks):
             rows = task_mask[:, task_index]
             flops += rows.double() * costs["heads"][task]
-            if compute_outputs and bool(rows.any()):
-                outputs[task] = self._run_head(task, features, rows)
+            if not compute_outputs or not bool(rows.any()):
+                continue
+            (shared if bool(rows.all()) else own_rows).append((task, rows))
+        if shared:
+            heads = [self.heads[task] for task, _ in shared]
+            for (task, _), projected in zip(
+                shared, project_stages(heads, features, self.head_size), strict=True
+            ):
+                outputs[task] = self._finish_head(task, self.heads[task].decode(projected))
+        for task, rows in own_rows:
+            index = rows.nonzero().squeeze(1)
+            inputs = [f.index_select(0, index) for f in features]
+            [projected] = project_stages([self.heads[task]], inputs, self.head_size)
+            out = self._finish_head(task, self.heads[task].decode(projected))
+            full = out.new_zeros((rows.shape[0],) + tuple(out.shape[1:]))
+            outputs[task] = full.index_copy(0, index, out)
+        outputs = {task: outputs[task] for task in self.config.tasks if task in outputs}
         flops += policy_flops
 
         executed_ratio = torch.cat(executed, dim=1)  # (B, L)
@@ -477,23 +500,14 @@ class AdaMTL(nn.Module):
         )
         return blocks, tokens
 
-    def _run_head(
-        self, task: str, features: list[torch.Tensor], rows: torch.Tensor
-    ) -> torch.Tensor:
-        head = self.heads[task]
-        all_rows = bool(rows.all())
-        index = None if all_rows else rows.nonzero().squeeze(1)
-        inputs = features if all_rows else [f.index_select(0, index) for f in features]
-        out = head(inputs, self.head_size)
+    def _finish_head(self, task: str, out: torch.Tensor) -> torch.Tensor:
+        """Resize a head's output to the input resolution; normals become unit vectors."""
         out = F.interpolate(
             out, size=(self.config.img_size,) * 2, mode="bilinear", align_corners=False
         )
         if task == "normals":
             out = F.normalize(out, dim=1, eps=1e-6)
-        if all_rows:
-            return out
-        full = out.new_zeros((rows.shape[0],) + tuple(out.shape[1:]))
-        return full.index_copy(0, index, out)
+        return out
 
 
 def _attended_windows(block: nn.Module, keep: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,9 @@ class Predictor:
         **kwargs: Any,
     ) -> ModelOutput:
         """Run the model on an already preprocessed (B, 3, S, S) batch, in eval mode."""
-        self.model.eval()
+        if self.model.training:
+            # eval() walks every submodule (nearly 300 in the demo model): only when needed.
+            self.model.eval()
         return self.model(images.to(self.device), budgets, tasks, **kwargs)
 
     @torch.no_grad()

@@ -134,7 +134,7 @@ def _window_bias(block: SwinTransformerBlock) -> torch.Tensor:
 
 
 def run_block_packed(
-    block: SwinTransformerBlock, x: torch.Tensor, keep: torch.Tensor
+    block: SwinTransformerBlock, x: torch.Tensor, keep: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, PackedBlockStats]:
     """Run `block` on the kept tokens only; skipped tokens are copied through unchanged.
 
@@ -143,6 +143,9 @@ def run_block_packed(
         x: (B, H, W, C) block input.
         keep: (B, H, W) bool, True where the token is computed. A sample whose block is
             skipped keeps no token.
+        inplace: write the kept tokens' results into `x` instead of a copy of it, which saves
+            copying the whole feature map. Only without autograd, and only when the caller
+            no longer needs its input.
 
     Returns:
         The (B, H, W, C) block output and the per-image work done.
@@ -196,7 +199,10 @@ def run_block_packed(
 
     kept = kept + attended
     kept = kept + block.mlp(block.norm2(kept))
-    out = flat.index_copy(0, keep_index, kept).view(batch, height, width, channels)
+    if inplace:
+        out = flat.index_copy_(0, keep_index, kept).view(batch, height, width, channels)
+    else:
+        out = flat.index_copy(0, keep_index, kept).view(batch, height, width, channels)
     windows_per_image = occupied.view(batch, num_windows).sum(1)
     return out, PackedBlockStats(kept_tokens=kept_per_image, attended_windows=windows_per_image)
 
