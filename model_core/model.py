@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_core.encoder import SwinEncoder
-from model_core.heads import TaskHead, project_stages
+from model_core.heads import TaskHead, project_stages, unit_vectors
 from model_core.policy import StagePolicy, gumbel_sigmoid_gate, union_over_tasks
 from model_core.presets import ModelConfig
 from model_core.skipping import run_block_masked, run_block_packed, window_layout
@@ -506,7 +506,7 @@ class AdaMTL(nn.Module):
             out, size=(self.config.img_size,) * 2, mode="bilinear", align_corners=False
         )
         if task == "normals":
-            out = F.normalize(out, dim=1, eps=1e-6)
+            out = unit_vectors(out, eps=1e-6)
         return out
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model_core.checkpoint import load_checkpoint
+from model_core.heads import unit_vectors
 from model_core.model import AdaMTL, InvalidRequestError, ModelOutput, TaskRequest
 from model_core.presets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -183,7 +184,7 @@ class Predictor:
             return probability[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
         if task == "normals":
             normals = F.interpolate(output[None], size=size, mode="bilinear", align_corners=False)
-            normals = F.normalize(normals, dim=1, eps=1e-6)[0]
+            normals = unit_vectors(normals, eps=1e-6)[0]
             return normals.permute(1, 2, 0).cpu().numpy().astype(np.float32)
         labels = output.argmax(0)[None, None].float()
         labels = F.interpolate(labels, size=size, mode="nearest")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_core.heads import unit_vectors
 from model_core.presets import IGNORE_INDEX, TASKS
 
 # Loss weight per task in the MTI-Net PASCAL-Context configuration.
@@ -145,7 +146,7 @@ def normals_l1_loss(prediction: Tensor, target: Tensor) -> Tensor:
     Returns:
         Scalar; 0 if every pixel is ignored.
     """
-    prediction = F.normalize(prediction, p=2, dim=1, eps=1e-12)
+    prediction = unit_vectors(prediction, eps=1e-12)
     valid = (target != IGNORE_INDEX).all(dim=1, keepdim=True)  # (B, 1, H, W)
     # Ignored targets are 255, so mask before subtracting to keep every term finite.
     difference = (prediction - torch.where(valid, target, 0.0)).abs() * valid
