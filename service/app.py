@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -11,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
@@ -155,6 +157,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher,
         metrics,
         info,
+    )
+    # A few threads for image work instead of anyio's default of 40: with many requests in
+    # flight, dozens of threads only contend for the interpreter lock and the cores, and each
+    # may keep a malloc arena of its own, so resident memory creeps up under load.
+    state.image_limiter = anyio.CapacityLimiter(
+        settings.image_threads or len(os.sched_getaffinity(0))
     )
 
     if settings.warmup:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
+import anyio
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
@@ -44,6 +45,8 @@ class ServiceState:
     batcher: Batcher[PredictJob, Prediction] | None = None
     metrics: ServiceMetrics | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
+    # Bounds the threads of image decoding and PNG encoding (see Settings.image_threads).
+    image_limiter: anyio.CapacityLimiter | None = None
     ready: bool = False
     draining: bool = False
 

@@ -8,10 +8,10 @@ import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from python_multipart.multipart import parse_options_header
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -275,18 +275,39 @@ def _validate_request(state: Any, budget: float, tasks: list[str]) -> None:
         raise ServiceError(422, "invalid_budget", str(exc)) from exc
 
 
-def encode_outputs(prediction: Prediction, classes: dict[str, tuple[str, ...]]) -> dict:
-    """Encode each predicted map as a base64 PNG."""
-    outputs: dict[str, TaskOutput] = {}
-    for task, value in prediction.maps.items():
-        if task == "saliency":
-            outputs[task] = TaskOutput(png=imaging.encode_saliency(value))
-        elif task == "normals":
-            outputs[task] = TaskOutput(png=imaging.encode_normals(value))
-        else:
-            names = list(classes[task])
-            outputs[task] = TaskOutput(png=imaging.encode_labels(value, names), classes=names)
-    return outputs
+def encode_output(task: str, value: Any, classes: dict[str, tuple[str, ...]]) -> TaskOutput:
+    """Encode one predicted map as a base64 PNG."""
+    if task == "saliency":
+        return TaskOutput(png=imaging.encode_saliency(value))
+    if task == "normals":
+        return TaskOutput(png=imaging.encode_normals(value))
+    names = list(classes[task])
+    return TaskOutput(png=imaging.encode_labels(value, names), classes=names)
+
+
+async def encode_outputs(
+    prediction: Prediction,
+    classes: dict[str, tuple[str, ...]],
+    limiter: anyio.CapacityLimiter | None,
+) -> dict[str, TaskOutput]:
+    """Encode the predicted maps as base64 PNGs, one worker thread per map.
+
+    zlib and numpy release the interpreter lock, so the maps of one request encode in
+    parallel when cores are idle; `limiter` caps the threads of all requests together.
+    """
+    tasks = list(prediction.maps)
+    encoded: dict[str, TaskOutput] = {}
+
+    async def encode(task: str) -> None:
+        value = prediction.maps[task]
+        encoded[task] = await anyio.to_thread.run_sync(
+            encode_output, task, value, classes, limiter=limiter
+        )
+
+    async with anyio.create_task_group() as group:
+        for task in tasks:
+            group.start_soon(encode, task)
+    return {task: encoded[task] for task in tasks}
 
 
 @router.post(
@@ -347,7 +368,9 @@ async def predict(
         raise _unavailable(exc) from exc
     with admission:
         try:
-            image = await run_in_threadpool(imaging.decode_image, data, settings.max_image_pixels)
+            image = await anyio.to_thread.run_sync(
+                imaging.decode_image, data, settings.max_image_pixels, limiter=state.image_limiter
+            )
         except imaging.ImageError as exc:
             raise ServiceError(exc.status_code, exc.error_type, str(exc)) from exc
         del data
@@ -369,7 +392,7 @@ async def predict(
             logger.exception("inference failed for request %s", request.state.request_id)
             raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
 
-        outputs = await run_in_threadpool(encode_outputs, prediction, predictor.classes)
+        outputs = await encode_outputs(prediction, predictor.classes, state.image_limiter)
     stats = prediction.stats
     metrics.observe_image(stats)
     metrics.queue_wait.observe(timing.queue_s)

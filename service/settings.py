@@ -28,6 +28,13 @@ class Settings(BaseSettings):
         None, ge=1, le=1024, description="Intra-op threads of torch; unset keeps torch's default."
     )
     warmup: bool = Field(True, description="Run one batch through the model before turning ready.")
+    image_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Threads that decode uploads and encode output PNGs; unset uses one per CPU "
+        "this process may use.",
+    )
 
     # HTTP server.
     host: str = Field("127.0.0.1", min_length=1, description="Address to listen on.")
