@@ -158,9 +158,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics,
         info,
     )
-    # A few threads for image work instead of anyio's default of 40: with many requests in
-    # flight, dozens of threads only contend for the interpreter lock and the cores, and each
-    # may keep a malloc arena of its own, so resident memory creeps up under load.
+    # A few threads for image work instead of anyio's default of 40. With many requests in
+    # flight, dozens of threads only contend for the interpreter lock and the cores. Each may
+    # also keep a malloc arena of its own, which makes resident memory creep up under load.
     state.image_limiter = anyio.CapacityLimiter(
         settings.image_threads or len(os.sched_getaffinity(0))
     )

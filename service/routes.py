@@ -293,7 +293,7 @@ async def encode_outputs(
     """Encode the predicted maps as base64 PNGs, one worker thread per map.
 
     zlib and numpy release the interpreter lock, so the maps of one request encode in
-    parallel when cores are idle; `limiter` caps the threads of all requests together.
+    parallel when cores are idle. `limiter` caps the threads of all requests together.
     """
     tasks = list(prediction.maps)
     encoded: dict[str, TaskOutput] = {}
