@@ -67,17 +67,21 @@ def build_predictor(
 def time_alternately(
     predictor: Predictor, images: torch.Tensor, budget: float, repeats: int
 ) -> tuple[float, float]:
-    """Return median seconds of (static, adaptive) forward passes, run alternately."""
+    """Return median seconds of (static, adaptive) forward passes, run alternately.
+
+    Each pass is the forward that `Predictor.predict` runs: outputs at the heads' resolution,
+    which the predictor then resizes once, to each image's size.
+    """
     for _ in range(2):  # warm-up of both paths
-        predictor.run(images, 1.0)
-        predictor.run(images, budget)
+        predictor.run(images, 1.0, full_resolution=False)
+        predictor.run(images, budget, full_resolution=False)
     static, adaptive = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        predictor.run(images, 1.0)
+        predictor.run(images, 1.0, full_resolution=False)
         static.append(time.perf_counter() - start)
         start = time.perf_counter()
-        predictor.run(images, budget)
+        predictor.run(images, budget, full_resolution=False)
         adaptive.append(time.perf_counter() - start)
     return statistics.median(static), statistics.median(adaptive)
 

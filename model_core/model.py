@@ -94,7 +94,9 @@ class ModelOutput:
     Attributes:
         outputs: per requested task, a (B, C, S, S) map at the input resolution: "saliency"
             logits (C=1), "human_parts" and "semseg" class logits, "normals" unit vectors
-            (C=3). Rows of images that did not request the task are zeros.
+            (C=3). Rows of images that did not request the task are zeros. With
+            `full_resolution=False` the maps are the heads' raw outputs at the head resolution
+            (input / head_stride), and normals are not normalised.
         stats: the work executed per image.
         task_mask: (B, T) bool, the tasks each image requested, in `config.tasks` order.
     """
@@ -276,6 +278,7 @@ class AdaMTL(nn.Module):
         generator: torch.Generator | None = None,
         return_masks: bool = False,
         compute_outputs: bool = True,
+        full_resolution: bool = True,
     ) -> ModelOutput:
         """Run the model.
 
@@ -291,6 +294,9 @@ class AdaMTL(nn.Module):
             return_masks: fill `stats.keep_masks`.
             compute_outputs: run the heads. When False, `outputs` is empty but `stats` still
                 counts the heads' FLOPs as if they ran (used by calibration).
+            full_resolution: resize the outputs to the input resolution (and normalise the
+                normals). False returns the heads' outputs as they are, for a caller that
+                resizes them once, to its own size (as `Predictor.predict` does).
         """
         size = self.config.img_size
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
@@ -392,12 +398,15 @@ class AdaMTL(nn.Module):
             for (task, _), projected in zip(
                 shared, project_stages(heads, features, self.head_size), strict=True
             ):
-                outputs[task] = self._finish_head(task, self.heads[task].decode(projected))
+                out = self.heads[task].decode(projected)
+                outputs[task] = self._finish_head(task, out) if full_resolution else out
         for task, rows in own_rows:
             index = rows.nonzero().squeeze(1)
             inputs = [f.index_select(0, index) for f in features]
             [projected] = project_stages([self.heads[task]], inputs, self.head_size)
-            out = self._finish_head(task, self.heads[task].decode(projected))
+            out = self.heads[task].decode(projected)
+            if full_resolution:
+                out = self._finish_head(task, out)
             full = out.new_zeros((rows.shape[0],) + tuple(out.shape[1:]))
             outputs[task] = full.index_copy(0, index, out)
         outputs = {task: outputs[task] for task in self.config.tasks if task in outputs}

@@ -155,7 +155,8 @@ class Predictor:
         if len(images) == 0:
             return []
         sizes = [_image_size(image) for image in images]
-        output = self.run(self.preprocess(images), budgets, tasks)
+        # Head-resolution outputs, resized once, to each image's own size.
+        output = self.run(self.preprocess(images), budgets, tasks, full_resolution=False)
         names = self.tasks
         results = []
         for index, (height, width) in enumerate(sizes):
@@ -174,19 +175,26 @@ class Predictor:
         return results
 
     def _postprocess(self, task: str, output: torch.Tensor, height: int, width: int) -> np.ndarray:
-        """Resize one (C, S, S) model output to (height, width) and convert it to numpy."""
+        """Resize one (C, h, w) head output to (height, width) and convert it to numpy.
+
+        Saliency logits and normals are resized bilinearly, straight to the image's size. Class
+        logits are resized bilinearly to the model's input size, where the argmax is taken,
+        and the labels are then resized to the image's size by nearest neighbour, so that a
+        large image costs one label map, not one logit map per class, at its size.
+        """
         size = (height, width)
         if task == "saliency":
-            probability = torch.sigmoid(output)[None]
-            probability = F.interpolate(
-                probability, size=size, mode="bilinear", align_corners=False
-            )
-            return probability[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
+            logits = F.interpolate(output[None], size=size, mode="bilinear", align_corners=False)
+            return torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32)
         if task == "normals":
             normals = F.interpolate(output[None], size=size, mode="bilinear", align_corners=False)
             normals = unit_vectors(normals, eps=1e-6)[0]
             return normals.permute(1, 2, 0).cpu().numpy().astype(np.float32)
-        labels = output.argmax(0)[None, None].float()
+        side = self.input_size
+        logits = F.interpolate(
+            output[None], size=(side, side), mode="bilinear", align_corners=False
+        )
+        labels = logits.argmax(1, keepdim=True).float()
         labels = F.interpolate(labels, size=size, mode="nearest")
         return labels[0, 0].to(torch.uint8).cpu().numpy()
 
