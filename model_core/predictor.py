@@ -178,9 +178,9 @@ class Predictor:
         """Resize one (C, h, w) head output to (height, width) and convert it to numpy.
 
         Saliency logits and normals are resized bilinearly, straight to the image's size. Class
-        logits are resized bilinearly to the model's input size, where the argmax is taken,
-        and the labels are then resized to the image's size by nearest neighbour, so that a
-        large image costs one label map, not one logit map per class, at its size.
+        logits are resized bilinearly to the model's input size and the argmax is taken there.
+        The labels then go to the image's size by nearest neighbour. A large image thus costs
+        one label map at its size, not one logit map per class.
         """
         size = (height, width)
         if task == "saliency":
