@@ -83,7 +83,7 @@ case "$PRESET" in
         # class-balanced; a 4-epoch run without it predicted background everywhere for parts.
         MODEL=demo DATASET=scenes SIZE=192
         S+=([train-count]=2400 [val-count]=300 [calibration-images]=64 [batch-size]=16
-            [workers]=1 [static-epochs]=8 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=1
+            [workers]=1 [static-epochs]=8 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=3
             [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
             [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200
             [calibration-step]=0.05 [calibration-tolerance]=0.005 [class-weights]=balanced) ;;
