@@ -185,7 +185,9 @@ class AdaMTL(nn.Module):
         bad = ~torch.isfinite(values) | (values < low - 1e-6) | (values > high + 1e-6)
         if bool(bad.any()):
             value = float(values[bad][0])
-            raise InvalidRequestError(f"invalid budget {value}: choose a value in [{low}, {high}]")
+            raise InvalidRequestError(
+                f"invalid budget {value:g}: choose a value in [{low:g}, {high:g}]"
+            )
         return values.clamp(low, high).float()
 
     def gate_offsets(

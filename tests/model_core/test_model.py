@@ -198,7 +198,7 @@ def test_single_axis_ablations(adapt_blocks, adapt_tokens):
 def test_invalid_budget_names_range(budget):
     model = make_model()
     with pytest.raises(
-        InvalidRequestError, match=r"invalid budget .* choose a value in \[0.3, 1.0\]"
+        InvalidRequestError, match=r"invalid budget .* choose a value in \[0.3, 1\]"
     ):
         model(make_images(1), budget)
 
