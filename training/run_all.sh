@@ -78,7 +78,7 @@ case "$PRESET" in
             [warmup-steps]=2 [calibration-step]=0.1 [calibration-tolerance]=0.02
             [latency-repeats]=3 [class-weights]=balanced) ;;
     demo)
-        # Sized for about 45 minutes on 2 idle CPU cores; docs/training.md has the arithmetic.
+        # About 50 minutes on 2 idle CPU cores; docs/training.md has the measured times.
         # People cover a few percent of the pixels, so the label maps' cross-entropy is
         # class-balanced; a 4-epoch run without it predicted background everywhere for parts.
         MODEL=demo DATASET=scenes SIZE=192
