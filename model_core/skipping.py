@@ -106,33 +106,6 @@ def _batch_layout(
     return global_window.contiguous(), layout.slot_of_position.repeat(batch)
 
 
-def _window_bias(block: SwinTransformerBlock) -> torch.Tensor:
-    """Relative position bias plus shift mask, (1 or num_windows, heads, A, A), cached.
-
-    timm gathers the bias from its table on every call. At inference the table does not
-    change, so the packed path keeps the result on the block. It rebuilds it when the table or
-    the shift mask is another tensor, or was modified in place (by an optimizer step or
-    `load_state_dict`, for example).
-    """
-    attn = block.attn
-    table = attn.relative_position_bias_table
-    shift_mask = _shift_mask(block)
-    key = (
-        table.data_ptr(),
-        table._version,
-        None if shift_mask is None else (shift_mask.data_ptr(), shift_mask._version),
-    )
-    cached = getattr(block, "_packed_window_bias", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    with torch.no_grad():
-        bias = attn._get_rel_pos_bias()  # (1, heads, A, A)
-        if shift_mask is not None:
-            bias = bias + shift_mask.unsqueeze(1)  # (nW, heads, A, A)
-    block._packed_window_bias = (key, bias)
-    return bias
-
-
 def run_block_packed(
     block: SwinTransformerBlock, x: torch.Tensor, keep: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, PackedBlockStats]:
@@ -189,9 +162,13 @@ def run_block_packed(
     key_mask.index_fill_(0, dense_row, 0.0)
 
     q, k, v = dense_qkv.view(num_occupied, area, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    bias = _window_bias(block).to(qkv.dtype)  # (1 or nW, heads, A, A)
-    if bias.shape[0] > 1:
-        bias = bias.index_select(0, occupied_ids % num_windows)  # (U, heads, A, A)
+    # Built on every call, as timm does, so that it follows any change of the bias table and
+    # passes gradients to it when autograd is on.
+    bias = attn._get_rel_pos_bias()  # (1, heads, A, A)
+    shift_mask = _shift_mask(block)
+    if shift_mask is not None:
+        local_window = occupied_ids % num_windows  # (U,)
+        bias = bias + shift_mask.index_select(0, local_window).unsqueeze(1)  # (U, heads, A, A)
     bias = bias + key_mask.view(num_occupied, 1, 1, area)  # (U, heads, A, A)
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (U, heads, A, hd)
     attended = attended.transpose(1, 2).reshape(num_occupied * area, -1)  # (U*A, C)

@@ -99,3 +99,22 @@ def test_window_layout_matches_timm_partition():
 def test_window_layout_rejects_indivisible_size():
     with pytest.raises(ValueError, match="not a multiple of window"):
         window_layout(10, 8, (4, 4), (0, 0), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_packed_bias_table_edits_and_gradients(shift):
+    block = make_block(shift)
+    x = torch.randn(2, 8, 8, 16)
+    keep = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(5)) < 0.6
+    table = block.attn.relative_position_bias_table
+    with torch.no_grad():
+        before, _ = run_block_packed(block, x, keep)
+        # An in-place edit through .data, as exponential moving averages of weights do.
+        table.data.add_(1.0 + torch.randn_like(table))
+        after, _ = run_block_packed(block, x, keep)
+    assert not torch.allclose(before[keep], after[keep])
+
+    # With autograd on, an eval-mode packed block passes gradients to the bias table.
+    out, _ = run_block_packed(block, x, keep)
+    out[keep].square().sum().backward()
+    assert table.grad is not None and bool(table.grad.abs().sum() > 0)
