@@ -181,7 +181,8 @@ def calibrate(
     Args:
         model: the model; put in eval mode for the duration of the call.
         images: (N, 3, S, S) normalised calibration images, never the evaluation images.
-        budgets: budget grid; defaults to `default_budget_grid(config.min_budget)`.
+        budgets: budget grid in [min_budget, 1), sorted and deduplicated here; defaults to
+            `default_budget_grid(config.min_budget)`.
         tolerance: stop bisecting once the mean ratio is within this of the budget.
         max_steps: search steps per budget once the budget is bracketed.
         batch_size: images per forward pass.
@@ -195,7 +196,18 @@ def calibrate(
     """
     was_training = model.training
     model.eval()
-    grid = list(budgets) if budgets is not None else default_budget_grid(model.config.min_budget)
+    if budgets is None:
+        grid = default_budget_grid(model.config.min_budget)
+    else:
+        low, high = model.budget_range
+        bad = [b for b in budgets if not low <= float(b) < high]
+        if bad or not budgets:
+            raise ValueError(
+                f"calibration budgets {list(budgets)} must be a non-empty list in "
+                f"[{low:g}, {high:g}); budget 1 bypasses the policy and needs no offset"
+            )
+        # The table is interpolated, so it must be strictly increasing.
+        grid = sorted({float(b) for b in budgets})
     table: dict = _calibrate_table(model, images, grid, None, tolerance, max_steps, batch_size)
     table["task_sets"] = {}
     for tasks in task_sets:

@@ -107,6 +107,17 @@ def test_calibration_matches_budget_on_its_images():
         assert mean_flops_ratio(model, images, budget) == pytest.approx(budget, abs=0.03)
 
 
+def test_calibration_sorts_the_grid_and_rejects_budgets_out_of_range():
+    model = make_model(seed=4)
+    images = make_images(4, seed=8)
+    table = calibrate(model, images, budgets=[0.8, 0.4, 0.8])
+    assert table["budgets"] == [0.4, 0.8]
+    assert table["offsets"][0] <= table["offsets"][1]
+    for budgets in ([1.0], [0.1, 0.5], []):
+        with pytest.raises(ValueError, match="calibration budgets"):
+            calibrate(model, images, budgets=budgets)
+
+
 def test_calibration_works_for_untrained_default_policy():
     torch.manual_seed(0)
     model = AdaMTL(get_preset("tiny")).eval()
