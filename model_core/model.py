@@ -321,6 +321,7 @@ class AdaMTL(nn.Module):
         )
         policy_flops = torch.zeros(batch, dtype=torch.float64, device=device)
         block_keep, token_keep, executed, keep_masks = [], [], [], []
+        offsets = None  # (B,) gate offsets, computed at the first adaptive stage
         features = []
 
         x = self.encoder.patch_embed(images)  # (B, H/4, W/4, C)
@@ -347,8 +348,19 @@ class AdaMTL(nn.Module):
                 features.append(self.encoder.output_norm(stage_index, x))  # (B, H, W, C)
                 continue
 
+            if offsets is None:
+                # Interpolated once per forward, not per stage.
+                offsets = self.gate_offsets(budgets, task_mask)
             stage_blocks, stage_tokens = self._stage_masks(
-                stage_index, x, budgets, task_mask, adaptive, random_keep, generator, policy_flops
+                stage_index,
+                x,
+                budgets,
+                offsets,
+                task_mask,
+                adaptive,
+                random_keep,
+                generator,
+                policy_flops,
             )  # (B, depth), (B, depth, H, W)
             # All of the stage's masks at once: per-block tensor operations cost more than
             # their arithmetic at batch 1.
@@ -372,22 +384,22 @@ class AdaMTL(nn.Module):
                     attended_windows.append(packed.attended_windows)
                 if return_masks:
                     keep_masks.append(keep_bool)
-            kept = torch.stack(kept_tokens, dim=1).double()  # (B, depth)
-            windows = torch.stack(attended_windows, dim=1).double()
+            kept_count = torch.stack(kept_tokens, dim=1).double()  # (B, depth)
+            window_count = torch.stack(attended_windows, dim=1).double()
             per_token, per_window, tokens = torch.tensor(
                 [[c["per_token"], c["per_window"], c["tokens"]] for c in stage_costs],
                 dtype=torch.float64,
                 device=device,
             ).unbind(1)
-            flops += (kept * per_token + windows * per_window).sum(1)
+            flops += (kept_count * per_token + window_count * per_window).sum(1)
             block_keep.append(stage_blocks)
             token_keep.append(stage_tokens.mean(dim=(2, 3)))
-            executed.append((kept / tokens).float())
+            executed.append((kept_count / tokens).float())
             features.append(self.encoder.output_norm(stage_index, x))  # (B, H, W, C)
 
         outputs = {}
-        # Heads that every image requested share one projection pass; the others run on
-        # their own rows.
+        # Heads that every image requested share one projection pass. The others run on their
+        # own rows.
         shared, own_rows = [], []
         for task_index, task in enumerate(self.config.tasks):
             rows = task_mask[:, task_index]
@@ -401,7 +413,9 @@ class AdaMTL(nn.Module):
                 shared, project_stages(heads, features, self.head_size), strict=True
             ):
                 out = self.heads[task].decode(projected)
-                outputs[task] = self._finish_head(task, out) if full_resolution else out
+                if full_resolution:
+                    out = self._finish_head(task, out)
+                outputs[task] = out
         for task, rows in own_rows:
             index = rows.nonzero().squeeze(1)
             inputs = [f.index_select(0, index) for f in features]
@@ -446,6 +460,7 @@ class AdaMTL(nn.Module):
         stage_index: int,
         x: torch.Tensor,
         budgets: torch.Tensor,
+        offsets: torch.Tensor,
         task_mask: torch.Tensor,
         adaptive: torch.Tensor,
         random_keep: float | None,
@@ -455,7 +470,8 @@ class AdaMTL(nn.Module):
         """Return (B, depth) block masks and (B, depth, H, W) token masks for one stage.
 
         Images that are not adaptive keep everything, and the policy runs only on the others,
-        whose policy FLOPs are added to `policy_flops` in place.
+        whose policy FLOPs are added to `policy_flops` in place. `offsets` are the (B,) gate
+        offsets of `gate_offsets`.
         """
         batch, height, width, _ = x.shape
         depth = self.config.depths[stage_index]
@@ -477,7 +493,7 @@ class AdaMTL(nn.Module):
         policy_input = x if all_adaptive else x.index_select(0, rows)
         row_budgets = budgets if all_adaptive else budgets.index_select(0, rows)
         row_tasks = task_mask if all_adaptive else task_mask.index_select(0, rows)
-        offset = self.gate_offsets(row_budgets, row_tasks).to(dtype)
+        offset = (offsets if all_adaptive else offsets.index_select(0, rows)).to(dtype)
         if self.config.policy_mode == "task_agnostic":
             row_tasks = torch.ones(row_tasks.shape[0], 1, dtype=torch.bool, device=device)
 

@@ -176,10 +176,8 @@ def run_block_packed(
 
     kept = kept + attended
     kept = kept + block.mlp(block.norm2(kept))
-    if inplace:
-        out = flat.index_copy_(0, keep_index, kept).view(batch, height, width, channels)
-    else:
-        out = flat.index_copy(0, keep_index, kept).view(batch, height, width, channels)
+    target = flat if inplace else flat.clone()
+    out = target.index_copy_(0, keep_index, kept).view(batch, height, width, channels)
     windows_per_image = occupied.view(batch, num_windows).sum(1)
     return out, PackedBlockStats(kept_tokens=kept_per_image, attended_windows=windows_per_image)
 

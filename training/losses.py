@@ -195,7 +195,8 @@ class MultiTaskLoss(nn.Module):
         not_labels = [t for t in class_weights if _TASK_LOSSES.get(t) is not cross_entropy_loss]
         if not_labels:
             raise ValueError(
-                f"class weights given for {not_labels}; only human_parts and semseg take them"
+                f"invalid class weights for {not_labels}: only human_parts and semseg take "
+                "class weights, so remove the others"
             )
         self.class_weights = {
             t: torch.as_tensor(w, dtype=torch.float32)

@@ -137,9 +137,10 @@ def label_class_weights(
 ) -> dict[str, torch.Tensor]:
     """Class-balanced weights for each label-map task, from the pixel counts of `dataset`.
 
-    Counts the labels of up to `max_images` images spread evenly over the dataset (as the
-    model sees them, after its test transform) and turns them into weights with
-    `class_balance_weights`. Tasks whose labels never occur in those images stay unweighted.
+    Counts the labels of up to `max_images` samples spread evenly over the dataset, after
+    its transform (for the training split, the seeded augmentation), and turns the counts
+    into weights with `class_balance_weights`. Tasks whose labels never occur in those
+    samples stay unweighted.
     """
     tasks = [t for t in ("human_parts", "semseg") if t in config.tasks]
     counts = {t: torch.zeros(len(config.classes[t]), dtype=torch.float64) for t in tasks}

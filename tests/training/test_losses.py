@@ -187,7 +187,7 @@ def test_multitask_loss_class_weights() -> None:
     assert losses["semseg"].item() != pytest.approx(unweighted.item())
     with pytest.raises(ValueError, match="21 classes but 7 class weights"):
         MultiTaskLoss(["semseg"], class_weights={"semseg": torch.ones(7)})(outputs, batch)
-    with pytest.raises(ValueError, match="only human_parts and semseg"):
+    with pytest.raises(ValueError, match="only human_parts and semseg take"):
         MultiTaskLoss(["normals"], class_weights={"normals": torch.ones(3)})
 
 
