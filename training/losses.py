@@ -40,6 +40,7 @@ __all__ = [
     "balanced_bce_loss",
     "class_balance_weights",
     "cross_entropy_loss",
+    "distillation_loss",
     "efficiency_loss",
     "normals_l1_loss",
 ]
@@ -243,6 +244,59 @@ class MultiTaskLoss(nn.Module):
     def extra_repr(self) -> str:
         weighted = sorted(self.class_weights)
         return f"weights={self.weights}, class_weights={weighted}"
+
+
+def distillation_loss(
+    student: Mapping[str, Tensor],
+    teacher: Mapping[str, Tensor],
+    tasks: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """How far the adaptive model's maps are from a teacher's, as a weighted sum over tasks.
+
+    The teacher is the static model; its maps are targets and get no gradient. Saliency: the
+    Bernoulli KL divergence from the teacher's probability to the student's. Human parts and
+    semseg: the KL divergence between the class distributions. Normals: the mean absolute
+    difference between the normalised vectors. Every term is a mean over pixels and is 0
+    when the maps agree.
+
+    Args:
+        student: model outputs per task (see the module docstring).
+        teacher: outputs of the same shapes.
+        tasks: the tasks to compare, a subset of both dicts' keys.
+        weights: weight per task, DEFAULT_TASK_WEIGHTS where None.
+
+    Returns:
+        (total, terms): the weighted sum and each task's unweighted term.
+    """
+    weights = DEFAULT_TASK_WEIGHTS if weights is None else weights
+    terms: dict[str, Tensor] = {}
+    for task in tasks:
+        output, target = student[task], teacher[task].detach()
+        if output.shape != target.shape:
+            raise ValueError(
+                f"{task}: student map {tuple(output.shape)} and teacher map "
+                f"{tuple(target.shape)} differ; run both at the same input size"
+            )
+        if task == "saliency":
+            probability = torch.sigmoid(target)
+            terms[task] = F.binary_cross_entropy_with_logits(
+                output, probability
+            ) - F.binary_cross_entropy_with_logits(target, probability)
+        elif task == "normals":
+            terms[task] = (
+                (unit_vectors(output, eps=1e-12) - unit_vectors(target, eps=1e-12)).abs().mean()
+            )
+        else:
+            divergence = F.kl_div(
+                F.log_softmax(output, dim=1),
+                F.log_softmax(target, dim=1),
+                reduction="none",
+                log_target=True,
+            )
+            terms[task] = divergence.sum(dim=1).mean()
+    total = sum(weights[t] * terms[t] for t in tasks)
+    return total, terms
 
 
 def efficiency_loss(

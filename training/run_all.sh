@@ -28,6 +28,7 @@ schedule overrides (defaults depend on the preset):
   --agnostic-steps-per-epoch N
   --lr X --policy-lr X --warmup-steps N
   --class-weights none|balanced
+  --distill X                co-training: weight of distilling the static model's maps (0: off)
   --calibration-step X --calibration-tolerance X --latency-repeats N
 EOF
 }
@@ -54,7 +55,7 @@ while [[ $# -gt 0 ]]; do
         --policy-epochs|--att-epochs|--finetune-epochs|--steps-per-epoch|\
         --agnostic-policy-epochs|--agnostic-att-epochs|--agnostic-finetune-epochs|\
         --agnostic-steps-per-epoch|--lr|--policy-lr|--warmup-steps|--calibration-step|\
-        --calibration-tolerance|--latency-repeats|--class-weights)
+        --calibration-tolerance|--latency-repeats|--class-weights|--distill)
             [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
             SET["${1#--}"]="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -66,7 +67,7 @@ done
 declare -A S=(
     [steps-per-epoch]="" [agnostic-steps-per-epoch]="" [warmup-steps]=100
     [calibration-step]=0.05 [calibration-tolerance]=0.003 [latency-repeats]=20
-    [lr]=1e-4 [policy-lr]=1e-3 [workers]=0 [class-weights]=none
+    [lr]=1e-4 [policy-lr]=1e-3 [workers]=0 [class-weights]=none [distill]=0
 )
 case "$PRESET" in
     smoke)
@@ -76,17 +77,19 @@ case "$PRESET" in
             [steps-per-epoch]=2 [agnostic-policy-epochs]=1 [agnostic-att-epochs]=0
             [agnostic-finetune-epochs]=1 [agnostic-steps-per-epoch]=2 [lr]=1e-3
             [warmup-steps]=2 [calibration-step]=0.1 [calibration-tolerance]=0.02
-            [latency-repeats]=3 [class-weights]=balanced) ;;
+            [latency-repeats]=3 [class-weights]=balanced [distill]=1) ;;
     demo)
         # About 50 minutes on 2 idle CPU cores; docs/training.md has the measured times.
         # People cover a few percent of the pixels, so the label maps' cross-entropy is
         # class-balanced; a 4-epoch run without it predicted background everywhere for parts.
+        # Co-training distils the static model's maps, for accuracy at low budgets.
         MODEL=demo DATASET=scenes SIZE=192
         S+=([train-count]=2400 [val-count]=300 [calibration-images]=64 [batch-size]=16
             [workers]=1 [static-epochs]=8 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=3
             [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
             [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200
-            [calibration-step]=0.05 [calibration-tolerance]=0.005 [class-weights]=balanced) ;;
+            [calibration-step]=0.05 [calibration-tolerance]=0.005 [class-weights]=balanced
+            [distill]=1) ;;
     swin-t|swin-s|swin-b)
         # The AdaMTL paper's PASCAL-Context schedule: 1000, 80, 150 + 150 epochs.
         MODEL="$PRESET" DATASET=pascal SIZE=224
@@ -160,7 +163,8 @@ COMMON=(--data "$DATA" --dataset "$DATASET" --calibration-images "${S[calibratio
         --batch-size "${S[batch-size]}" --workers "${S[workers]}" --threads "$THREADS"
         --seed "$SEED" --lr "${S[lr]}" --policy-lr "${S[policy-lr]}" --warmup-steps "${S[warmup-steps]}"
         --calibration-step "${S[calibration-step]}"
-        --calibration-tolerance "${S[calibration-tolerance]}" --class-weights "${S[class-weights]}")
+        --calibration-tolerance "${S[calibration-tolerance]}" --class-weights "${S[class-weights]}"
+        --distill "${S[distill]}")
 cap() { [[ -n "$1" ]] && echo "--steps-per-epoch $1" || true; }
 
 # 2. The three stages of the task-aware model.

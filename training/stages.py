@@ -57,7 +57,12 @@ from training.engine import (
     unwrap,
     wrap_model,
 )
-from training.losses import MultiTaskLoss, class_balance_weights, efficiency_loss
+from training.losses import (
+    MultiTaskLoss,
+    class_balance_weights,
+    distillation_loss,
+    efficiency_loss,
+)
 
 __all__ = [
     "FIXED_SETTINGS",
@@ -369,11 +374,22 @@ def policy_init_loss(config: ModelConfig, budget_rng: torch.Generator, noise: to
     return compute
 
 
-def cotrain_loss(args, config, criterion, tasks, widths, budget_rng, noise):
+def cotrain_loss(args, config, criterion, tasks, widths, budget_rng, noise, teacher=None):
+    """Task loss + alpha * efficiency loss, plus args.distill * the distillation loss towards
+    `teacher`'s maps when a teacher is given."""
+
     def compute(model: nn.Module, batch: dict[str, Any]) -> StepResult:
         budget, block_target, token_target = draw_budget(args, config, budget_rng)
         output = model(batch["image"], budget, tasks, generator=noise)
         task_total, losses = criterion(output.outputs, batch)
+        if teacher is not None:
+            with torch.no_grad():
+                targets = teacher(batch["image"], 1.0, tasks).outputs
+            distill_total, distill_terms = distillation_loss(
+                output.outputs, targets, criterion.tasks, criterion.weights
+            )
+            task_total = task_total + args.distill * distill_total
+            losses = {**losses, **{f"distill_{t}": v for t, v in distill_terms.items()}}
         stats = output.stats
         efficiency, _ = efficiency_loss(
             stats.block_keep,
@@ -448,6 +464,7 @@ def prepare_epoch(
     epoch: int,
     context: DistributedContext,
     class_weights: dict[str, torch.Tensor] | None = None,
+    teacher: AdaMTL | None = None,
 ) -> EpochPlan:
     """Set train/eval modes and trainable parameters for `epoch` and return its plan.
 
@@ -457,7 +474,8 @@ def prepare_epoch(
     task is requested, so only its head runs, the other heads are frozen, and the other
     tasks' output rows of the policies are restored after every step. The shared encoder and
     the policies' shared first layers train with the focus task. `class_weights` weigh the
-    cross-entropy of the label-map tasks (see `label_class_weights`).
+    cross-entropy of the label-map tasks (see `label_class_weights`). A co-training epoch
+    with a `teacher` (the frozen static model) also distils its maps (see --distill).
     """
     budget_rng = _budget_generator(args, epoch, context.rank)
     noise = _model_noise(args, epoch, context.rank, context.device)
@@ -485,6 +503,7 @@ def prepare_epoch(
             widths,
             budget_rng,
             noise,
+            teacher,
         )
         return EpochPlan(loss_function, focus_task="all")
     focus = epoch % len(tasks)
@@ -502,6 +521,7 @@ def prepare_epoch(
         widths,
         budget_rng,
         noise,
+        teacher,
     )
     return EpochPlan(loss_function, after_step, tasks[focus])
 
@@ -594,12 +614,26 @@ def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[st
             "lr": args.lr,
             "policy_lr": args.policy_lr,
             "alpha": args.alpha,
+            "distill": args.distill,
             "class_weights": args.class_weights,
             "setting": args.setting,
             "policy_mode": args.policy_mode,
             "adapt": args.adapt,
         },
     }
+
+
+def _static_teacher(args: argparse.Namespace, device: torch.device) -> AdaMTL:
+    """The frozen static model that co-training distils: the --init checkpoint at budget 1.
+
+    Policy initialisation trains only the policies, so its checkpoint's encoder and heads are
+    the static stage's; a resumed run therefore distils the same teacher.
+    """
+    teacher, _ = load_checkpoint(args.init)
+    teacher.to(device).eval()
+    _set_trainable(teacher, False)
+    logger.info("distilling the static model of %s with weight %g", args.init, args.distill)
+    return teacher
 
 
 def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
@@ -616,6 +650,9 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
     class_weights = None
     if args.class_weights == "balanced" and args.stage != "policy_init":
         class_weights = label_class_weights(data.train, model.config)
+    teacher = None
+    if args.stage == "cotrain" and args.distill > 0:
+        teacher = _static_teacher(args, context.device)
     commit = git_commit()
     resolved = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -666,7 +703,7 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
         is_main=context.is_main,
     )
     for epoch in range(start_epoch, total_epochs):
-        plan = prepare_epoch(model, args, epoch, context, class_weights)
+        plan = prepare_epoch(model, args, epoch, context, class_weights, teacher)
         wrapped = wrap_model(model, context)
         loader = _epoch_loader(data.train, args, context, epoch)
         summary = train_one_epoch(

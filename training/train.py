@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     budget = parser.add_argument_group("budget (cotrain)")
     budget.add_argument("--alpha", type=float, default=1.0, help="weight of the efficiency loss")
     budget.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of a distillation loss towards the static model's maps (the --init "
+        "checkpoint at budget 1) in co-training; 0, the AdaMTL recipe, turns it off",
+    )
+    budget.add_argument(
         "--setting",
         choices=sorted(FIXED_SETTINGS),
         help="fixed targets instead of budgets drawn per batch: H = 90 %% blocks and 60 %% "
@@ -195,6 +202,7 @@ def validate_args(args: argparse.Namespace) -> None:
         "--finetune-epochs": args.finetune_epochs,
         "--warmup-steps": args.warmup_steps,
         "--alpha": args.alpha,
+        "--distill": args.distill,
         "--weight-decay": args.weight_decay,
         "--eval-every": args.eval_every,
     }

@@ -14,6 +14,7 @@ from training.losses import (
     balanced_bce_loss,
     class_balance_weights,
     cross_entropy_loss,
+    distillation_loss,
     efficiency_loss,
     normals_l1_loss,
 )
@@ -280,3 +281,52 @@ def test_efficiency_loss_invalid_arguments() -> None:
         efficiency_loss(keep, keep, WIDTHS, 1.5, 0.5)
     with pytest.raises(ValueError, match="token_target"):
         efficiency_loss(keep, keep, WIDTHS, 0.5, torch.tensor([0.5, 0.5, 0.5]))
+
+
+# Distillation towards the static model's maps.
+
+
+def _teacher_maps(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "saliency": torch.randn(2, 1, 5, 5, generator=generator),
+        "human_parts": torch.randn(2, 7, 5, 5, generator=generator),
+        "semseg": torch.randn(2, 4, 5, 5, generator=generator),
+        "normals": torch.randn(2, 3, 5, 5, generator=generator),
+    }
+
+
+def test_distillation_zero_when_maps_agree() -> None:
+    teacher = _teacher_maps(0)
+    total, terms = distillation_loss(teacher, teacher, list(teacher))
+    assert sorted(terms) == sorted(teacher)
+    for task, value in terms.items():
+        assert abs(value.item()) < 1e-6, task
+    assert abs(total.item()) < 1e-5
+
+
+def test_distillation_weighs_tasks_and_trains_only_the_student() -> None:
+    teacher = {k: v.requires_grad_() for k, v in _teacher_maps(0).items()}
+    student = {k: v.requires_grad_() for k, v in _teacher_maps(1).items()}
+    total, terms = distillation_loss(student, teacher, list(teacher))
+    for task, value in terms.items():
+        assert value.item() > 0.01, task
+    expected = sum(DEFAULT_TASK_WEIGHTS[t] * terms[t].item() for t in terms)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    total.backward()
+    for task in teacher:
+        assert teacher[task].grad is None, task
+        assert student[task].grad.abs().sum() > 0, task
+
+    # The label-map term is the KL divergence: equal to cross-entropy minus entropy.
+    p = torch.softmax(teacher["semseg"].detach(), dim=1)
+    log_q = torch.log_softmax(student["semseg"].detach(), dim=1)
+    kl = (p * (p.log() - log_q)).sum(dim=1).mean()
+    _close(terms["semseg"].detach(), kl.item())
+
+
+def test_distillation_shape_mismatch() -> None:
+    teacher = _teacher_maps(0)
+    student = dict(teacher, semseg=teacher["semseg"][..., :3, :3])
+    with pytest.raises(ValueError, match="same input size"):
+        distillation_loss(student, teacher, ["semseg"])

@@ -19,6 +19,7 @@ from training.datasets.common import collate_samples
 from training.datasets.scenes import ScenesDataset, generate_split
 from training.datasets.transforms import test_transform
 from training.engine import DistributedContext
+from training.losses import DEFAULT_TASK_WEIGHTS
 from training.stages import (
     FrozenPolicySlices,
     build_optimizer,
@@ -276,6 +277,37 @@ def test_efficiency_loss_lowers_flops(data_root, batch, tmp_path):
     assert all(r["budget"] == pytest.approx(0.3) for r in records)
     assert trained.calibration is not None
     assert trained.calibration["budgets"] == pytest.approx([0.3, 0.6, 0.9])
+
+
+def test_cotrain_distils_the_static_model(data_root, batch, tmp_path):
+    init = fresh_checkpoint(tmp_path / "init.safetensors")
+    args = parse(
+        data_root, tmp_path, "--stage", "cotrain", "--init", str(init), "--distill", "2",
+        "--att-epochs", "0", "--finetune-epochs", "1", "--steps-per-epoch", "2",
+        "--calibration-step", "0.3", "--calibration-tolerance", "0.05",
+    )  # fmt: skip
+    teacher, _ = load_checkpoint(init)
+    teacher.eval()
+    student, _ = load_checkpoint(init)
+    plain = prepare_epoch(student, args, 0, DistributedContext())
+    distilled = prepare_epoch(student, args, 0, DistributedContext(), teacher=teacher)
+    without = plain.loss_function(student, batch)
+    result = distilled.loss_function(student, batch)
+    tasks = list(student.config.tasks)
+    assert sorted(result.terms) == sorted([*tasks, "efficiency", *(f"distill_{t}" for t in tasks)])
+    # Same budget draw and noise seeds, so the only difference is the distillation term.
+    distill = sum(
+        DEFAULT_TASK_WEIGHTS[t] * float(result.terms[f"distill_{t}"].detach()) for t in tasks
+    )
+    assert distill > 0
+    assert float(result.loss) == pytest.approx(float(without.loss) + 2 * distill, rel=1e-4)
+    result.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+    trained, metadata = load_checkpoint(main(args))
+    assert metadata["provenance"]["schedule"]["distill"] == 2
+    record = json.loads((tmp_path / "cotrain" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["distill_semseg"] > 0
 
 
 def _cotrain_command(data_root, init, out):
