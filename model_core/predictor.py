@@ -141,6 +141,7 @@ class Predictor:
         images: Sequence[ImageInput],
         budgets: float | Sequence[float] = 1.0,
         tasks: TaskRequest = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> list[Prediction]:
         """Predict the requested maps for each image in one batched forward pass.
 
@@ -148,13 +149,22 @@ class Predictor:
             images: RGB PIL images or uint8 (H, W, 3) arrays of any sizes.
             budgets: one budget, or one per image.
             tasks: None (all), names for all images, or one list of names per image.
+            sizes: (height, width) of each image's output maps; by default the image's own
+                size. A caller that decoded an image at a reduced scale passes the full size.
 
         Raises:
             InvalidRequestError: for a budget out of range or an unknown task.
+            ValueError: for `sizes` of the wrong length or with a side below 1.
         """
         if len(images) == 0:
             return []
-        sizes = [_image_size(image) for image in images]
+        if sizes is None:
+            sizes = [_image_size(image) for image in images]
+        elif len(sizes) != len(images) or any(min(size) < 1 for size in sizes):
+            raise ValueError(
+                f"sizes must hold one (height, width) of positive sides per image: got "
+                f"{list(sizes)} for {len(images)} images"
+            )
         # Head-resolution outputs, resized once, to each image's own size.
         output = self.run(self.preprocess(images), budgets, tasks, full_resolution=False)
         names = self.tasks

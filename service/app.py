@@ -7,15 +7,17 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batching import Batcher
 from service.deps import PredictJob, ServiceState
@@ -140,7 +142,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     def predict_batch(jobs: list[PredictJob]) -> list[Prediction]:
         return predictor.predict(
-            [job.image for job in jobs], [job.budget for job in jobs], [job.tasks for job in jobs]
+            [job.image for job in jobs],
+            [job.budget for job in jobs],
+            [job.tasks for job in jobs],
+            [job.size for job in jobs],
         )
 
     batcher: Batcher[PredictJob, Prediction] = Batcher(
@@ -198,33 +203,57 @@ def _route_path(request: Request) -> str:
     return path if isinstance(path, str) else UNMATCHED_ENDPOINT
 
 
-async def _observe_request(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """Assign the request id, then count, time and log every request."""
-    incoming_id = request.headers.get("x-request-id", "")
-    if _REQUEST_ID_PATTERN.fullmatch(incoming_id):
-        request.state.request_id = incoming_id
-    else:
-        request.state.request_id = uuid.uuid4().hex
-    request.state.started = time.perf_counter()
+class RequestObserver:
+    """ASGI middleware: assign the request id, then count, time and log every HTTP request.
 
-    try:
-        response = await call_next(request)
-    except Exception:
-        logger.exception("request %s failed with an unhandled error", request.state.request_id)
-        response = error_response(
-            request, 500, "internal_error", "the server failed to process the request; retry"
-        )
-    duration = time.perf_counter() - request.state.started
-    response.headers["X-Request-ID"] = request.state.request_id
+    Written against ASGI directly rather than as Starlette's `BaseHTTPMiddleware`, which runs
+    the app in a separate task and copies each response body through a stream. The duration
+    runs until the last byte of the body is handed to the server.
+    """
 
-    endpoint = _route_path(request)
-    state: ServiceState = request.app.state.service
-    if state.metrics is not None:
-        state.metrics.observe_request(endpoint, response.status_code, duration)
-    _log_request(request, endpoint, response.status_code, duration)
-    return response
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        incoming_id = request.headers.get("x-request-id", "")
+        if _REQUEST_ID_PATTERN.fullmatch(incoming_id):
+            request_id = incoming_id
+        else:
+            request_id = uuid.uuid4().hex
+        request.state.request_id = request_id
+        request.state.started = time.perf_counter()
+        status_code = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status_code, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status_code = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("request %s failed with an unhandled error", request_id)
+            if response_started:
+                raise
+            response = error_response(
+                request, 500, "internal_error", "the server failed to process the request; retry"
+            )
+            await response(scope, receive, send_with_id)
+        finally:
+            duration = time.perf_counter() - request.state.started
+            endpoint = _route_path(request)
+            state: ServiceState = request.app.state.service
+            if state.metrics is not None:
+                state.metrics.observe_request(endpoint, status_code, duration)
+            _log_request(request, endpoint, status_code, duration)
 
 
 def _log_request(request: Request, endpoint: str, status_code: int, duration_s: float) -> None:
@@ -278,6 +307,6 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         settings=settings, registry=CollectorRegistry(), predictor=predictor
     )
     install_error_handlers(app)
-    app.middleware("http")(_observe_request)
+    app.add_middleware(RequestObserver)
     app.include_router(router)
     return app

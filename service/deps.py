@@ -33,6 +33,7 @@ class PredictJob:
     image: Image.Image
     budget: float
     tasks: list[str]
+    size: tuple[int, int]  # (height, width) of the output maps: the displayed image size
 
 
 @dataclass

@@ -11,9 +11,10 @@ import io
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Formats Pillow may try when identifying an upload; everything else is rejected with 415.
 SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -26,6 +27,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types and row filters (PNG specification, sections 11.2.2 and 9.2).
 _GREY, _RGB, _PALETTE = 0, 2, 3
 _FILTER_NONE, _FILTER_UP = 0, 2
+
+# EXIF orientations that rotate by 90 or 270 degrees, so width and height trade places.
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 # Colour that transparent pixels are composited onto before inference.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -56,8 +60,24 @@ class ImageTooLargeError(ImageError):
     error_type = "image_too_large"
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upload decoded for the model.
+
+    Attributes:
+        pixels: upright 8-bit RGB image; a JPEG may be decoded at a reduced scale (see
+            `decode_upload`), so its size can be smaller than the displayed one.
+        width: displayed width of the full image, after EXIF orientation.
+        height: displayed height.
+    """
+
+    pixels: Image.Image
+    width: int
+    height: int
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an uploaded image into an upright 8-bit RGB image.
+    """Decode an uploaded image into an upright 8-bit RGB image at its full size.
 
     EXIF orientation is applied, so the result has the size a viewer displays. Grayscale,
     palette, CMYK, 16-bit and float images are converted to RGB, transparency is composited
@@ -71,6 +91,20 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         UnsupportedImageError: `data` is not an image in a supported format.
         ImageTooLargeError: The image has more than `max_pixels` pixels.
         InvalidImageError: The image is corrupt or truncated.
+    """
+    return decode_upload(data, max_pixels).pixels
+
+
+def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> DecodedImage:
+    """Decode an upload like `decode_image`, at a reduced scale where a JPEG allows it.
+
+    With `min_side`, a JPEG is decoded at the smallest of the scales 1/8, 1/4, 1/2 and 1 that
+    keeps both sides at least `min_side` pixels (libjpeg scales while it decodes, which is
+    several times faster than decoding everything and resizing). A model whose input is
+    `min_side` pixels square loses nothing it would keep. Other formats decode at full size.
+
+    Raises:
+        The errors of `decode_image`.
     """
     # NOTE: Pillow raises its own DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS
     # (about 179 megapixels by default), so a larger max_pixels has no effect past that.
@@ -96,9 +130,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
     try:
         image.seek(0)  # first frame of an animation
+        if min_side is not None and image.format == "JPEG":
+            image.draft("RGB", (min_side, min_side))
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:
+            width, height = height, width
         image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return DecodedImage(to_rgb(image), width, height)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image is too large: {exc}") from exc
     except Exception as exc:  # noqa: BLE001

@@ -205,6 +205,24 @@ def test_predictor_returns_maps_at_original_size(calibrated_model):
     assert results[0].stats["tasks"] == ["semseg", "normals"]
 
 
+def test_predictor_output_sizes(calibrated_model):
+    predictor = Predictor(calibrated_model)
+    image = np.random.default_rng(2).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    own, larger = predictor.predict(
+        [image, image], 0.6, ["semseg", "saliency"], [(40, 60), (80, 120)]
+    )
+    assert own.maps["semseg"].shape == (40, 60)
+    assert larger.maps["semseg"].shape == (80, 120)
+    assert larger.maps["saliency"].shape == (80, 120)
+    # Same input, so the larger labels are the smaller ones scaled by 2 (nearest).
+    assert own.stats["flops"] == larger.stats["flops"]
+    np.testing.assert_array_equal(larger.maps["semseg"][::2, ::2], own.maps["semseg"])
+    with pytest.raises(ValueError, match="one \\(height, width\\)"):
+        predictor.predict([image], 0.6, None, [(40, 60), (40, 60)])
+    with pytest.raises(ValueError, match="positive sides"):
+        predictor.predict([image], 0.6, None, [(0, 60)])
+
+
 def test_predictor_batch_equals_single_requests(calibrated_model):
     predictor = Predictor(calibrated_model)
     rng = np.random.default_rng(1)

@@ -237,3 +237,23 @@ def test_timeout_gives_504(checkpoint_path, photos):
         assert client.get("/readyz").status_code == 200
         metrics = client.get("/metrics").text
         assert 'adamtl_requests_total{endpoint="/predict",status_code="504"}' in metrics
+
+
+def test_unhandled_error_gets_json_500_and_is_counted(checkpoint_path):
+    """An exception no handler catches still gets the error body, a request id and a metric."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(make_settings(checkpoint_path))
+
+    @app.get("/fails")
+    async def fails() -> None:
+        raise RuntimeError("a bug in a handler")
+
+    with TestClient(app, raise_server_exceptions=False) as http:
+        body = assert_error_body(http.get("/fails"), 500)
+        assert body["type"] == "internal_error"
+        assert http.get("/healthz").status_code == 200
+        metrics = http.get("/metrics").text
+    assert 'adamtl_requests_total{endpoint="/fails",status_code="500"} 1.0' in metrics

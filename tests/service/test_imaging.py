@@ -60,6 +60,23 @@ def test_decode_applies_exif_orientation(cat):
     assert image.size == (300, 451)
 
 
+def test_decode_upload_reduces_jpeg_scale_and_keeps_displayed_size(cat):
+    jpeg = samples.exif_rotated_jpeg(cat)  # stored 451x300, displayed 300x451
+    full = imaging.decode_image(jpeg, LIMIT)
+    reduced = imaging.decode_upload(jpeg, LIMIT, min_side=100)
+    # 1/2 keeps both sides above 100 (226x150); 1/4 would give 75 rows.
+    assert reduced.pixels.size == (150, 226)
+    assert (reduced.width, reduced.height) == (300, 451)
+    # Still upright: the reduced decode matches the full one shrunk to its size.
+    shrunk = np.asarray(full.resize(reduced.pixels.size, Image.Resampling.BOX), dtype=float)
+    assert np.abs(np.asarray(reduced.pixels, dtype=float) - shrunk).mean() < 8
+
+    same = imaging.decode_upload(jpeg, LIMIT, min_side=300)
+    assert same.pixels.size == (300, 451)
+    png = imaging.decode_upload(samples.rgba_png(cat), LIMIT, min_side=50)
+    assert png.pixels.size == (451, 300) and (png.width, png.height) == (451, 300)
+
+
 def test_decode_alpha_composites_on_white():
     transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     buffer = io.BytesIO()
