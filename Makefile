@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.model_latency --preset demo
 	$(BIN)/python -m benchmarks.model_latency --preset swin-t
+	$(BIN)/python -m benchmarks.block_scaling --preset demo
 	$(BIN)/python -m benchmarks.service_load
 
 lint: $(STAMP)
