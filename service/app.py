@@ -239,9 +239,11 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
+        except Exception as exc:
             logger.exception("request %s failed with an unhandled error", request_id)
             if response_started:
+                # The status line is gone, so the request line reports the error instead.
+                request.state.error = f"response_failed: {exc}"
                 raise
             response = error_response(
                 request, 500, "internal_error", "the server failed to process the request; retry"
@@ -273,7 +275,8 @@ def _log_request(request: Request, endpoint: str, status_code: int, duration_s: 
     if error is not None:
         fields.append(f"error={error!r}")
 
-    if status_code >= 500:
+    if status_code >= 500 or (error is not None and status_code < 400):
+        # A request that failed after a success status was sent is an error too.
         level = logging.ERROR
     elif status_code >= 400:
         level = logging.WARNING

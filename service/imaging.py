@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 # Formats Pillow may try when identifying an upload; everything else is rejected with 415.
 SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -130,7 +130,8 @@ def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> 
 
     try:
         image.seek(0)  # first frame of an animation
-        if min_side is not None and image.format == "JPEG":
+        # MPO files (a JPEG followed by more pictures, as some cameras write) decode the same way.
+        if min_side is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
             image.draft("RGB", (min_side, min_side))
         image.load()
         if image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:

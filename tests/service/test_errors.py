@@ -257,3 +257,35 @@ def test_unhandled_error_gets_json_500_and_is_counted(checkpoint_path):
         assert http.get("/healthz").status_code == 200
         metrics = http.get("/metrics").text
     assert 'adamtl_requests_total{endpoint="/fails",status_code="500"} 1.0' in metrics
+
+
+def test_failed_stream_logged_as_error(checkpoint_path, caplog):
+    """A response that fails after its status line went out is logged at ERROR."""
+    import logging
+
+    from fastapi.responses import StreamingResponse
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(make_settings(checkpoint_path))
+
+    @app.get("/stream-fails")
+    async def stream_fails() -> StreamingResponse:
+        async def chunks():
+            yield b"partial"
+            raise RuntimeError("a bug while streaming")
+
+        return StreamingResponse(chunks())
+
+    with TestClient(app, raise_server_exceptions=False) as http, caplog.at_level(logging.INFO):
+        try:
+            http.get("/stream-fails")
+        except Exception:  # noqa: BLE001  # the client may see a cut-off body
+            pass
+    lines = [
+        r for r in caplog.records if r.name == "service" and "GET /stream-fails" in r.getMessage()
+    ]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.ERROR
+    assert "error='response_failed: a bug while streaming'" in lines[0].getMessage()

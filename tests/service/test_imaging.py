@@ -179,3 +179,16 @@ def test_class_palette_distinct_for_256_indices():
     palette = imaging.class_palette(256)
     colours = {tuple(palette[i : i + 3]) for i in range(0, len(palette), 3)}
     assert len(colours) == 256
+
+
+def test_decode_upload_reduces_mpo_scale():
+    """A JPEG followed by more pictures (MPO, as some cameras write) decodes reduced too."""
+    photo = Image.effect_noise((1600, 1200), 40).convert("RGB")
+    buffer = io.BytesIO()
+    photo.save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", (64, 48))])
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+
+    decoded = imaging.decode_upload(data, 10**8, min_side=200)
+    assert (decoded.width, decoded.height) == (1600, 1200)
+    assert decoded.pixels.size == (400, 300)  # 1/8 would give 150 rows
