@@ -4,7 +4,7 @@ For the second block of every stage (the shifted one where the stage has more th
 window), the benchmark times the dense block and `run_block_packed` with random keep masks,
 alternately, on the same features. A `time_ratio` close to `keep_ratio` means that skipping
 tokens saves time in proportion to the FLOPs it saves. Deep stages of a small model at batch 1
-stay well above it: their matrix products have a few dozen rows, so reading the weights costs
+stay well above it. Their matrix products have a few dozen rows, so reading the weights costs
 as much as the arithmetic, and the fixed work of packing is a larger share.
 
     python -m benchmarks.block_scaling --preset demo --batch 1 8

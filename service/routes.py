@@ -427,8 +427,8 @@ async def predict(
         ),
         outputs=outputs,
     )
-    # Serialised here, once, by pydantic: FastAPI would validate the finished model again and
-    # then encode it with the json module, which costs about 1 ms for the 400 KB of PNGs.
+    # Serialised here, once, by pydantic. FastAPI would validate the finished model again and
+    # then encode it with the json module, which took 0.7 ms longer for a 400 KB body.
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
 
 

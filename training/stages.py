@@ -624,10 +624,11 @@ def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[st
 
 
 def _static_teacher(args: argparse.Namespace, device: torch.device) -> AdaMTL:
-    """The frozen static model that co-training distils: the --init checkpoint at budget 1.
+    """Load the frozen static model that co-training distils: the --init checkpoint.
 
-    Policy initialisation trains only the policies, so its checkpoint's encoder and heads are
-    the static stage's; a resumed run therefore distils the same teacher.
+    The teacher runs at budget 1, which bypasses its policies. Policy initialisation trains
+    only the policies, so the checkpoint's encoder and heads are the static stage's, and a
+    resumed run distils the same teacher.
     """
     teacher, _ = load_checkpoint(args.init)
     teacher.to(device).eval()
