@@ -382,7 +382,8 @@ async def run_load_phase(
 
 
 # Service histograms read from /metrics: images per batch, and seconds per batch of the batched
-# forward pass with pre- and post-processing (the work that `Predictor.predict` times in-process).
+# forward pass with pre-processing. The service resizes and encodes each image's maps
+# afterwards, on its image threads, so this is less work than `Predictor.predict` does.
 _BATCH_HISTOGRAMS = ("adamtl_batch_size", "adamtl_inference_duration_seconds")
 
 

@@ -23,7 +23,7 @@ from model_core.heads import unit_vectors
 from model_core.model import AdaMTL, InvalidRequestError, ModelOutput, TaskRequest
 from model_core.presets import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["InvalidRequestError", "Prediction", "Predictor"]
+__all__ = ["HeadOutputs", "InvalidRequestError", "Prediction", "Predictor"]
 
 ImageInput = Image.Image | np.ndarray
 
@@ -41,6 +41,20 @@ class Prediction:
     """
 
     maps: dict[str, np.ndarray]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadOutputs:
+    """The heads' outputs and execution statistics of one image, before post-processing.
+
+    Attributes:
+        outputs: per requested task, the (C, h, w) head output at the heads' resolution.
+            `Predictor.postprocess` turns each into the map of `Prediction.maps`.
+        stats: as `Prediction.stats`.
+    """
+
+    outputs: dict[str, torch.Tensor]
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,41 +170,56 @@ class Predictor:
             InvalidRequestError: for a budget out of range or an unknown task.
             ValueError: for `sizes` of the wrong length or with a side below 1.
         """
-        if len(images) == 0:
-            return []
         if sizes is None:
             sizes = [_image_size(image) for image in images]
-        elif len(sizes) != len(images) or any(min(size) < 1 for size in sizes):
-            raise ValueError(
-                f"sizes must hold one (height, width) of positive sides per image: got "
-                f"{list(sizes)} for {len(images)} images"
-            )
-        # Head-resolution outputs, resized once, to each image's own size.
+        _check_sizes(sizes, len(images))
+        results = []
+        for raw, (height, width) in zip(self.infer(images, budgets, tasks), sizes, strict=True):
+            maps = {
+                task: self.postprocess(task, output, height, width)
+                for task, output in raw.outputs.items()
+            }
+            results.append(Prediction(maps=maps, stats=raw.stats))
+        return results
+
+    @torch.no_grad()
+    def infer(
+        self,
+        images: Sequence[ImageInput],
+        budgets: float | Sequence[float] = 1.0,
+        tasks: TaskRequest = None,
+    ) -> list[HeadOutputs]:
+        """Run the batched forward pass of `predict`, without the post-processing.
+
+        A server can then post-process each image's outputs on other threads (see
+        `postprocess`) while the next batch runs. The arguments are those of `predict`.
+        """
+        if len(images) == 0:
+            return []
         output = self.run(self.preprocess(images), budgets, tasks, full_resolution=False)
         names = self.tasks
         results = []
-        for index, (height, width) in enumerate(sizes):
+        for index in range(len(images)):
             requested = [
                 t
                 for t, wanted in zip(names, output.task_mask[index].tolist(), strict=True)
                 if wanted
             ]
-            maps = {
-                task: self._postprocess(task, output.outputs[task][index], height, width)
-                for task in requested
-            }
             stats = output.stats.image(index)
             stats["tasks"] = requested
-            results.append(Prediction(maps=maps, stats=stats))
+            outputs = {task: output.outputs[task][index] for task in requested}
+            results.append(HeadOutputs(outputs=outputs, stats=stats))
         return results
 
-    def _postprocess(self, task: str, output: torch.Tensor, height: int, width: int) -> np.ndarray:
-        """Resize one (C, h, w) head output to (height, width) and convert it to numpy.
+    @torch.no_grad()
+    def postprocess(self, task: str, output: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """Turn one (C, h, w) head output into the task's map of size (height, width).
 
         Saliency logits and normals are resized bilinearly, straight to the image's size. Class
         logits are resized bilinearly to the model's input size and the argmax is taken there.
         The labels then go to the image's size by nearest neighbour. A large image thus costs
-        one label map at its size, not one logit map per class.
+        one label map at its size, not one logit map per class. Safe to call from several
+        threads at once.
         """
         size = (height, width)
         if task == "saliency":
@@ -207,6 +236,14 @@ class Predictor:
         labels = logits.argmax(1, keepdim=True).float()
         labels = F.interpolate(labels, size=size, mode="nearest")
         return labels[0, 0].to(torch.uint8).cpu().numpy()
+
+
+def _check_sizes(sizes: Sequence[tuple[int, int]], count: int) -> None:
+    if len(sizes) != count or any(min(size) < 1 for size in sizes):
+        raise ValueError(
+            f"sizes must hold one (height, width) of positive sides per image: got "
+            f"{list(sizes)} for {count} images"
+        )
 
 
 def _image_size(image: ImageInput) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from service.routes import router
 from service.settings import Settings, missing_checkpoint_message
 
 if TYPE_CHECKING:
-    from model_core.predictor import Prediction, Predictor
+    from model_core.predictor import HeadOutputs, Predictor
 
 logger = logging.getLogger("service")
 
@@ -140,15 +140,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_info={key: info[key] for key in ("name", "version", "preset")},
     )
 
-    def predict_batch(jobs: list[PredictJob]) -> list[Prediction]:
-        return predictor.predict(
-            [job.image for job in jobs],
-            [job.budget for job in jobs],
-            [job.tasks for job in jobs],
-            [job.size for job in jobs],
+    # The inference thread runs only the forward pass. Each request resizes and encodes its
+    # maps on the image threads, while the next batch runs (see routes.encode_outputs).
+    def predict_batch(jobs: list[PredictJob]) -> list[HeadOutputs]:
+        return predictor.infer(
+            [job.image for job in jobs], [job.budget for job in jobs], [job.tasks for job in jobs]
         )
 
-    batcher: Batcher[PredictJob, Prediction] = Batcher(
+    batcher: Batcher[PredictJob, HeadOutputs] = Batcher(
         predict_batch,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000.0,

@@ -16,7 +16,7 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from PIL import Image
 
-    from model_core.predictor import Prediction, Predictor
+    from model_core.predictor import HeadOutputs, Predictor
     from service.batching import Batcher
     from service.metrics import ServiceMetrics
 
@@ -33,7 +33,6 @@ class PredictJob:
     image: Image.Image
     budget: float
     tasks: list[str]
-    size: tuple[int, int]  # (height, width) of the output maps: the displayed image size
 
 
 @dataclass
@@ -43,7 +42,7 @@ class ServiceState:
     settings: Settings
     registry: CollectorRegistry
     predictor: Predictor | None = None
-    batcher: Batcher[PredictJob, Prediction] | None = None
+    batcher: Batcher[PredictJob, HeadOutputs] | None = None
     metrics: ServiceMetrics | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
     # Bounds the threads of image decoding and PNG encoding (see Settings.image_threads).

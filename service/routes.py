@@ -32,7 +32,7 @@ from service.schemas import (
 )
 
 if TYPE_CHECKING:
-    from model_core.predictor import Prediction
+    from model_core.predictor import HeadOutputs, Predictor
 
 logger = logging.getLogger("service")
 
@@ -286,27 +286,31 @@ def encode_output(task: str, value: Any, classes: dict[str, tuple[str, ...]]) ->
 
 
 async def encode_outputs(
-    prediction: Prediction,
-    classes: dict[str, tuple[str, ...]],
+    predictor: Predictor,
+    heads: HeadOutputs,
+    size: tuple[int, int],
     limiter: anyio.CapacityLimiter | None,
 ) -> dict[str, TaskOutput]:
-    """Encode the predicted maps as base64 PNGs, one worker thread per map.
+    """Resize each head output to `size` (height, width) and encode it as a base64 PNG.
 
-    zlib and numpy release the interpreter lock, so the maps of one request encode in
-    parallel when cores are idle. `limiter` caps the threads of all requests together.
+    Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
+    lock, so the maps of one request are processed in parallel when cores are idle, and the
+    inference thread can run the next batch meanwhile. `limiter` caps the threads of all
+    requests together.
     """
-    tasks = list(prediction.maps)
+    tasks = list(heads.outputs)
     encoded: dict[str, TaskOutput] = {}
 
-    async def encode(task: str) -> None:
-        value = prediction.maps[task]
-        encoded[task] = await anyio.to_thread.run_sync(
-            encode_output, task, value, classes, limiter=limiter
-        )
+    def finish(task: str) -> TaskOutput:
+        value = predictor.postprocess(task, heads.outputs[task], *size)
+        return encode_output(task, value, predictor.classes)
+
+    async def run(task: str) -> None:
+        encoded[task] = await anyio.to_thread.run_sync(finish, task, limiter=limiter)
 
     async with anyio.create_task_group() as group:
         for task in tasks:
-            group.start_soon(encode, task)
+            group.start_soon(run, task)
     return {task: encoded[task] for task in tasks}
 
 
@@ -381,7 +385,7 @@ async def predict(
 
         try:
             prediction, timing = await batcher.submit(
-                PredictJob(image.pixels, budget, task_list, (image.height, image.width)),
+                PredictJob(image.pixels, budget, task_list),
                 settings.request_timeout_s,
                 admission,
             )
@@ -398,7 +402,14 @@ async def predict(
             logger.exception("inference failed for request %s", request.state.request_id)
             raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
 
-        outputs = await encode_outputs(prediction, predictor.classes, state.image_limiter)
+        size = (image.height, image.width)
+        try:
+            outputs = await encode_outputs(predictor, prediction, size, state.image_limiter)
+        except Exception as exc:
+            logger.exception("post-processing failed for request %s", request.state.request_id)
+            raise ServiceError(
+                500, "inference_failed", f"post-processing failed ({exc}); retry"
+            ) from exc
     stats = prediction.stats
     metrics.observe_image(stats)
     metrics.queue_wait.observe(timing.queue_s)

@@ -223,6 +223,20 @@ def test_predictor_output_sizes(calibrated_model):
         predictor.predict([image], 0.6, None, [(0, 60)])
 
 
+def test_predictor_infer_then_postprocess(calibrated_model):
+    predictor = Predictor(calibrated_model)
+    image = np.random.default_rng(3).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    (heads,) = predictor.infer([image], 0.6, ["semseg", "normals"])
+    head_size = tuple(calibrated_model.head_size)
+    assert sorted(heads.outputs) == ["normals", "semseg"]
+    assert heads.outputs["normals"].shape == (3, *head_size)
+    assert heads.stats["tasks"] == ["semseg", "normals"]
+    (full,) = predictor.predict([image], 0.6, ["semseg", "normals"])
+    assert heads.stats["flops"] == full.stats["flops"]
+    labels = predictor.postprocess("semseg", heads.outputs["semseg"], 40, 60)
+    np.testing.assert_array_equal(labels, full.maps["semseg"])
+
+
 def test_predictor_batch_equals_single_requests(calibrated_model):
     predictor = Predictor(calibrated_model)
     rng = np.random.default_rng(1)

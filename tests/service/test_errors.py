@@ -224,16 +224,17 @@ def test_queue_full_gives_503(checkpoint_path, photos):
 
 
 def test_timeout_gives_504(checkpoint_path, photos):
-    settings = make_settings(checkpoint_path, max_batch_size=1, request_timeout_s=0.05)
+    # One batch at a time and 1 ms to finish: the requests queued behind the first wait longer.
+    settings = make_settings(checkpoint_path, max_batch_size=1, request_timeout_s=0.001)
     large = samples.resized_jpeg(photos["coffee.png"], 2400, 1600)
     with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
-        with ThreadPoolExecutor(3) as pool:
-            responses = list(pool.map(lambda _: predict(client, large), range(3)))
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: predict(client, large), range(4)))
         timed_out = [response for response in responses if response.status_code == 504]
         assert timed_out, [response.status_code for response in responses]
         body = assert_error_body(timed_out[0], 504)
         assert body["type"] == "timeout"
-        assert "0.05 s" in body["message"]
+        assert "0.001 s" in body["message"]
         assert client.get("/readyz").status_code == 200
         metrics = client.get("/metrics").text
         assert 'adamtl_requests_total{endpoint="/predict",status_code="504"}' in metrics
