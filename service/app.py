@@ -241,7 +241,7 @@ class RequestObserver:
         except Exception as exc:
             logger.exception("request %s failed with an unhandled error", request_id)
             if response_started:
-                # The status line is gone, so the request line reports the error instead.
+                # The status line was already sent, so the log line reports the error instead.
                 request.state.error = f"response_failed: {exc}"
                 raise
             response = error_response(
