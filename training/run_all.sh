@@ -29,6 +29,7 @@ schedule overrides (defaults depend on the preset):
   --lr X --policy-lr X --warmup-steps N
   --class-weights none|balanced
   --distill X                co-training: weight of distilling the static model's maps (0: off)
+  --budget-sampling uniform|low  co-training: how budgets are drawn (low: more near min_budget)
   --calibration-step X --calibration-tolerance X --latency-repeats N
 EOF
 }
@@ -55,7 +56,7 @@ while [[ $# -gt 0 ]]; do
         --policy-epochs|--att-epochs|--finetune-epochs|--steps-per-epoch|\
         --agnostic-policy-epochs|--agnostic-att-epochs|--agnostic-finetune-epochs|\
         --agnostic-steps-per-epoch|--lr|--policy-lr|--warmup-steps|--calibration-step|\
-        --calibration-tolerance|--latency-repeats|--class-weights|--distill)
+        --calibration-tolerance|--latency-repeats|--class-weights|--distill|--budget-sampling)
             [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
             SET["${1#--}"]="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -68,6 +69,7 @@ declare -A S=(
     [steps-per-epoch]="" [agnostic-steps-per-epoch]="" [warmup-steps]=100
     [calibration-step]=0.05 [calibration-tolerance]=0.003 [latency-repeats]=20
     [lr]=1e-4 [policy-lr]=1e-3 [workers]=0 [class-weights]=none [distill]=0
+    [budget-sampling]=uniform
 )
 case "$PRESET" in
     smoke)
@@ -164,7 +166,7 @@ COMMON=(--data "$DATA" --dataset "$DATASET" --calibration-images "${S[calibratio
         --seed "$SEED" --lr "${S[lr]}" --policy-lr "${S[policy-lr]}" --warmup-steps "${S[warmup-steps]}"
         --calibration-step "${S[calibration-step]}"
         --calibration-tolerance "${S[calibration-tolerance]}" --class-weights "${S[class-weights]}"
-        --distill "${S[distill]}")
+        --distill "${S[distill]}" --budget-sampling "${S[budget-sampling]}")
 cap() { [[ -n "$1" ]] && echo "--steps-per-epoch $1" || true; }
 
 # 2. The three stages of the task-aware model.

@@ -331,15 +331,26 @@ def draw_budget(
         block_target, token_target = FIXED_SETTINGS[args.setting]
         budget = min(max(block_target * token_target, config.min_budget), 0.99)
         return budget, block_target, token_target
-    budget = sample_budget(config, generator)
+    budget = sample_budget(config, generator, args.budget_sampling)
     block_target, token_target = budget_targets(torch.tensor(budget))
     return budget, float(block_target), float(token_target)
 
 
-def sample_budget(config: ModelConfig, generator: torch.Generator) -> float:
-    """Draw a budget uniformly from [min_budget, 1)."""
+def sample_budget(
+    config: ModelConfig, generator: torch.Generator, sampling: str = "uniform"
+) -> float:
+    """Draw a budget from [min_budget, 1).
+
+    "uniform" draws uniformly. "low" maps a uniform u to min_budget + (1 - min_budget) * u^2,
+    so half of the budgets fall in the lowest quarter of the range.
+    """
+    if sampling not in ("uniform", "low"):
+        raise ValueError(f"invalid budget sampling {sampling!r}: use 'uniform' or 'low'")
     low = config.min_budget
-    return low + (1.0 - low) * float(torch.rand((), generator=generator))
+    fraction = float(torch.rand((), generator=generator))
+    if sampling == "low":
+        fraction = fraction * fraction
+    return low + (1.0 - low) * fraction
 
 
 def _model_noise(args: argparse.Namespace, epoch: int, rank: int, device: torch.device):
@@ -615,6 +626,7 @@ def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[st
             "policy_lr": args.policy_lr,
             "alpha": args.alpha,
             "distill": args.distill,
+            "budget_sampling": args.budget_sampling,
             "class_weights": args.class_weights,
             "setting": args.setting,
             "policy_mode": args.policy_mode,

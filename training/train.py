@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint at budget 1) in co-training; 0, the AdaMTL recipe, turns it off",
     )
     budget.add_argument(
+        "--budget-sampling",
+        choices=("uniform", "low"),
+        default="uniform",
+        help="how co-training draws each batch's budget from [min_budget, 1): uniformly, as in "
+        "AdaMTL, or 'low': min_budget + (1 - min_budget) * u^2, half of them in the lowest "
+        "quarter",
+    )
+    budget.add_argument(
         "--setting",
         choices=sorted(FIXED_SETTINGS),
         help="fixed targets instead of budgets drawn per batch: H = 90 %% blocks and 60 %% "

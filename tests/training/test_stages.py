@@ -25,6 +25,7 @@ from training.stages import (
     build_optimizer,
     label_class_weights,
     prepare_epoch,
+    sample_budget,
 )
 from training.train import build_parser, main
 
@@ -300,7 +301,8 @@ def test_cotrain_distils_the_static_model(data_root, batch, tmp_path):
         DEFAULT_TASK_WEIGHTS[t] * float(result.terms[f"distill_{t}"].detach()) for t in tasks
     )
     assert distill > 0
-    assert float(result.loss) == pytest.approx(float(without.loss) + 2 * distill, rel=1e-4)
+    expected = float(without.loss.detach()) + 2 * distill
+    assert float(result.loss.detach()) == pytest.approx(expected, rel=1e-4)
     result.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -357,3 +359,23 @@ def test_resume_after_kill_matches_uninterrupted(data_root, tmp_path):
     _, meta_a = load_checkpoint(tmp_path / "a" / "cotrain" / "model.safetensors")
     _, meta_b = load_checkpoint(out / "cotrain" / "model.safetensors")
     assert meta_a["calibration"] == meta_b["calibration"]
+
+
+def test_budget_sampling_low_favours_low_budgets():
+    config = get_preset("tiny")
+    low = config.min_budget
+    draws = {}
+    for sampling in ("uniform", "low"):
+        generator = torch.Generator().manual_seed(0)
+        draws[sampling] = torch.tensor(
+            [sample_budget(config, generator, sampling) for _ in range(4000)]
+        )
+    quarter = low + 0.25 * (1.0 - low)
+    for values in draws.values():
+        assert float(values.min()) >= low
+        assert float(values.max()) < 1.0
+    # P(u^2 < 1/4) = 1/2 against 1/4 for uniform draws.
+    assert abs(float((draws["uniform"] < quarter).float().mean()) - 0.25) < 0.03
+    assert abs(float((draws["low"] < quarter).float().mean()) - 0.5) < 0.03
+    with pytest.raises(ValueError, match="invalid budget sampling 'high'"):
+        sample_budget(config, torch.Generator(), "high")
