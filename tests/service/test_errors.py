@@ -240,7 +240,7 @@ def test_timeout_gives_504(checkpoint_path, photos):
         assert 'adamtl_requests_total{endpoint="/predict",status_code="504"}' in metrics
 
 
-def test_unhandled_error_gets_json_500_and_is_counted(checkpoint_path):
+def test_unhandled_error_gets_json_500(checkpoint_path):
     """An exception no handler catches still gets the error body, a request id and a metric."""
     from fastapi.testclient import TestClient
 
