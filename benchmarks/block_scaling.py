@@ -1,4 +1,4 @@
-"""How the time of one packed Swin block follows the share of tokens it computes.
+"""Time of one packed Swin block against the share of tokens it computes.
 
 For the second block of every stage (the shifted one where the stage has more than one
 window), the benchmark times the dense block and `run_block_packed` with random keep masks,

@@ -45,7 +45,8 @@ class ServiceState:
     batcher: Batcher[PredictJob, HeadOutputs] | None = None
     metrics: ServiceMetrics | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
-    # Bounds the threads of image decoding and PNG encoding (see Settings.image_threads).
+    # Bounds the threads that decode uploads and post-process and encode the maps
+    # (see Settings.image_threads).
     image_limiter: anyio.CapacityLimiter | None = None
     ready: bool = False
     draining: bool = False

@@ -65,8 +65,8 @@ class DecodedImage:
     """An upload decoded for the model.
 
     Attributes:
-        pixels: upright 8-bit RGB image; a JPEG may be decoded at a reduced scale (see
-            `decode_upload`), so its size can be smaller than the displayed one.
+        pixels: upright 8-bit RGB image. A JPEG may be decoded at a reduced scale (see
+            `decode_upload`), so this size can be smaller than the displayed one.
         width: displayed width of the full image, after EXIF orientation.
         height: displayed height.
     """

@@ -252,15 +252,15 @@ def distillation_loss(
     tasks: Sequence[str],
     weights: Mapping[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """How far the adaptive model's maps are from a teacher's, as a weighted sum over tasks.
+    """Measure how far the adaptive model's maps are from a teacher's, summed with task weights.
 
-    The teacher is the static model; its maps are targets and get no gradient. Saliency: the
+    The teacher is the static model. Its maps are targets and get no gradient. Saliency: the
     Bernoulli KL divergence from the teacher's probability to the student's. Human parts and
     semseg: the KL divergence between the class distributions. Normals: the mean absolute
     difference between the normalised vectors. Every term is a mean over all pixels and is 0
     when the maps agree. Pixels without a label count too, on purpose: the teacher gives a
     target everywhere, and the adaptive model should reproduce the static model's maps where
-    nobody annotated them as well (for example human parts in images without people).
+    no label exists as well (for example human parts in images without people).
 
     Args:
         student: model outputs per task (see the module docstring).

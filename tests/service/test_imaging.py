@@ -60,7 +60,7 @@ def test_decode_applies_exif_orientation(cat):
     assert image.size == (300, 451)
 
 
-def test_decode_upload_reduces_jpeg_scale_and_keeps_displayed_size(cat):
+def test_decode_upload_reduced_jpeg(cat):
     jpeg = samples.exif_rotated_jpeg(cat)  # stored 451x300, displayed 300x451
     full = imaging.decode_image(jpeg, LIMIT)
     reduced = imaging.decode_upload(jpeg, LIMIT, min_side=100)
@@ -74,7 +74,8 @@ def test_decode_upload_reduces_jpeg_scale_and_keeps_displayed_size(cat):
     same = imaging.decode_upload(jpeg, LIMIT, min_side=300)
     assert same.pixels.size == (300, 451)
     png = imaging.decode_upload(samples.rgba_png(cat), LIMIT, min_side=50)
-    assert png.pixels.size == (451, 300) and (png.width, png.height) == (451, 300)
+    assert png.pixels.size == (451, 300)
+    assert (png.width, png.height) == (451, 300)
 
 
 def test_decode_alpha_composites_on_white():
