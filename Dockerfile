@@ -1,5 +1,9 @@
 # CPU image of the AdaMTL inference service. Mount a checkpoint at /app/checkpoints.
-FROM python:3.11-slim
+# PYTHON_IMAGE and TORCH_INDEX_URL point the build at a mirror where Docker Hub or the
+# PyTorch wheel index cannot be reached; docs/service.md shows how.
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -10,7 +14,7 @@ WORKDIR /app
 
 # torch from the CPU wheel index: the default wheel bundles CUDA libraries of several GB.
 # The versions match the pins in pyproject.toml, so the install below keeps these wheels.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu \
+RUN pip install --index-url "${TORCH_INDEX_URL}" \
         torch==2.14.1 torchvision==0.29.1
 
 # Dependencies first, with empty packages, so code changes do not reinstall them.
