@@ -193,3 +193,11 @@ def test_decode_upload_reduces_mpo_scale():
     decoded = imaging.decode_upload(data, 10**8, min_side=200)
     assert (decoded.width, decoded.height) == (1600, 1200)
     assert decoded.pixels.size == (400, 300)  # 1/8 would give 150 rows
+
+
+def test_encode_levels_round_and_clip():
+    # Values outside the range clip to 0 and 255, and halves round to the even level.
+    probability = np.array([[-0.5, 1.5, 0.5 / 255, 2.5 / 255]], dtype=np.float32)
+    assert np.asarray(decode_png(imaging.encode_saliency(probability))).tolist() == [[0, 255, 0, 2]]
+    normals = np.array([[[-1.5, 1.5, -1.0]]], dtype=np.float32)
+    assert np.asarray(decode_png(imaging.encode_normals(normals))).tolist() == [[[0, 255, 0]]]
