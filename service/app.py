@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.image_limiter = anyio.CapacityLimiter(
         settings.image_threads or len(os.sched_getaffinity(0))
     )
+    state.png_helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adamtl-png")
 
     if settings.warmup:
         await batcher.run_in_worker(lambda: _warm_up(predictor, settings.max_batch_size))
@@ -193,6 +195,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.begin_drain()
         logger.info("shutting down: finishing %d admitted requests", batcher.queue_depth)
         await batcher.stop(settings.drain_timeout_s)
+        state.png_helper.shutdown(wait=False, cancel_futures=True)
         logger.info("shutdown complete")
 
 

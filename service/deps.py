@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -48,6 +49,9 @@ class ServiceState:
     # Bounds the threads that decode uploads and post-process and encode the maps
     # (see Settings.image_threads).
     image_limiter: anyio.CapacityLimiter | None = None
+    # One extra thread that compresses the second half of large output maps when it is idle
+    # (see imaging.png_bytes).
+    png_helper: ThreadPoolExecutor | None = None
     ready: bool = False
     draining: bool = False
 

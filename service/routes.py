@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import time
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
@@ -275,12 +276,17 @@ def _validate_request(state: Any, budget: float, tasks: list[str]) -> None:
         raise ServiceError(422, "invalid_budget", str(exc)) from exc
 
 
-def encode_output(task: str, value: Any, classes: dict[str, tuple[str, ...]]) -> TaskOutput:
-    """Encode one predicted map as a base64 PNG."""
+def encode_output(
+    task: str,
+    value: Any,
+    classes: dict[str, tuple[str, ...]],
+    helper: Executor | None = None,
+) -> TaskOutput:
+    """Encode one predicted map as a base64 PNG; `helper` may compress half of a large map."""
     if task == "saliency":
-        return TaskOutput(png=imaging.encode_saliency(value))
+        return TaskOutput(png=imaging.encode_saliency(value, helper))
     if task == "normals":
-        return TaskOutput(png=imaging.encode_normals(value))
+        return TaskOutput(png=imaging.encode_normals(value, helper))
     names = list(classes[task])
     return TaskOutput(png=imaging.encode_labels(value, names), classes=names)
 
@@ -290,20 +296,21 @@ async def encode_outputs(
     heads: HeadOutputs,
     size: tuple[int, int],
     limiter: anyio.CapacityLimiter | None,
+    helper: Executor | None = None,
 ) -> dict[str, TaskOutput]:
     """Resize each head output to `size` (height, width) and encode it as a base64 PNG.
 
     Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
     lock, so the maps of one request are processed in parallel when cores are idle, and the
     inference thread can run the next batch meanwhile. `limiter` caps the threads of all
-    requests together.
+    requests together, and `helper` compresses half of each large map when it is idle.
     """
     tasks = list(heads.outputs)
     encoded: dict[str, TaskOutput] = {}
 
     def finish(task: str) -> TaskOutput:
         value = predictor.postprocess(task, heads.outputs[task], *size)
-        return encode_output(task, value, predictor.classes)
+        return encode_output(task, value, predictor.classes, helper)
 
     async def run(task: str) -> None:
         encoded[task] = await anyio.to_thread.run_sync(finish, task, limiter=limiter)
@@ -404,7 +411,9 @@ async def predict(
 
         size = (image.height, image.width)
         try:
-            outputs = await encode_outputs(predictor, prediction, size, state.image_limiter)
+            outputs = await encode_outputs(
+                predictor, prediction, size, state.image_limiter, state.png_helper
+            )
         except Exception as exc:
             logger.exception("post-processing failed for request %s", request.state.request_id)
             raise ServiceError(

@@ -1,5 +1,7 @@
 import base64
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -201,3 +203,50 @@ def test_encode_levels_round_and_clip():
     assert np.asarray(decode_png(imaging.encode_saliency(probability))).tolist() == [[0, 255, 0, 2]]
     normals = np.array([[[-1.5, 1.5, -1.0]]], dtype=np.float32)
     assert np.asarray(decode_png(imaging.encode_normals(normals))).tolist() == [[[0, 255, 0]]]
+
+
+def smooth_levels(shape: tuple[int, ...]) -> np.ndarray:
+    steps = np.random.default_rng(1).integers(0, 3, size=shape, dtype=np.uint8)
+    return steps.cumsum(axis=1, dtype=np.uint8)
+
+
+def read_png(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("shape", [(480, 640, 3), (1001, 700), (3, 200_000)])
+def test_png_split_deflate_round_trips(shape):
+    levels = smooth_levels(shape)
+    assert levels.nbytes >= imaging.SPLIT_DEFLATE_BYTES
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        data = imaging.png_bytes(levels, smooth=True, helper=helper)
+    assert np.array_equal(read_png(data), levels)
+    assert data != imaging.png_bytes(levels, smooth=True)
+
+
+def test_png_split_deflate_with_busy_helper():
+    levels = smooth_levels((480, 640, 3))
+    release = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        helper.submit(release.wait, 10)
+        # The helper never starts the second half, so the caller compresses it itself.
+        data = imaging.png_bytes(levels, smooth=True, helper=helper)
+        release.set()
+    assert np.array_equal(read_png(data), levels)
+
+
+def test_png_split_deflate_after_helper_shutdown():
+    levels = smooth_levels((480, 640, 3))
+    helper = ThreadPoolExecutor(max_workers=1)
+    helper.shutdown()
+    data = imaging.png_bytes(levels, smooth=True, helper=helper)
+    assert np.array_equal(read_png(data), levels)
+
+
+def test_png_small_map_ignores_helper():
+    levels = smooth_levels((48, 64, 3))
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        data = imaging.png_bytes(levels, smooth=True, helper=helper)
+    assert data == imaging.png_bytes(levels, smooth=True)
