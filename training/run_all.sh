@@ -81,17 +81,19 @@ case "$PRESET" in
             [warmup-steps]=2 [calibration-step]=0.1 [calibration-tolerance]=0.02
             [latency-repeats]=3 [class-weights]=balanced [distill]=1) ;;
     demo)
-        # About 50 minutes on 2 idle CPU cores; docs/training.md has the measured times.
-        # People cover a few percent of the pixels, so the label maps' cross-entropy is
-        # class-balanced; a 4-epoch run without it predicted background everywhere for parts.
-        # --distill 1 improved Delta-m at budget 0.4 but cut the content adaptivity (Spearman
-        # 0.59 to 0.18) and took 40 % longer to co-train, so it stays off here.
+        # About 60 minutes on 2 idle CPU cores, an estimate from measured stage times
+        # (docs/training.md). People cover a few percent of the pixels, so the label maps'
+        # cross-entropy is class-balanced. A 4-epoch run without it predicted background
+        # everywhere for parts. Budgets drawn near the minimum and 6 fine-tuning epochs took
+        # Delta-m at budget 0.6 from -14.0 % to -3.3 % (docs/demo-model.md). --distill 1 cut
+        # the content adaptivity (Spearman 0.59 to 0.18), so it stays off here.
         MODEL=demo DATASET=scenes SIZE=192
         S+=([train-count]=2400 [val-count]=300 [calibration-images]=64 [batch-size]=16
-            [workers]=1 [static-epochs]=8 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=3
+            [workers]=1 [static-epochs]=8 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=6
             [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
             [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200
-            [calibration-step]=0.05 [calibration-tolerance]=0.005 [class-weights]=balanced) ;;
+            [calibration-step]=0.05 [calibration-tolerance]=0.005 [class-weights]=balanced
+            [budget-sampling]=low) ;;
     swin-t|swin-s|swin-b)
         # The AdaMTL paper's PASCAL-Context schedule: 1000, 80, 150 + 150 epochs.
         MODEL="$PRESET" DATASET=pascal SIZE=224
