@@ -20,3 +20,15 @@ def test_first_max_index_above_256_channels():
     index = first_max_index(scores)
     assert index.dtype == torch.int64
     assert torch.equal(index, scores.argmax(0))
+
+
+def test_first_max_index_nan_like_argmax():
+    nan = float("nan")
+    scores = torch.tensor(
+        [
+            [[1.0, nan, 3.0, -float("inf")]],
+            [[nan, 2.0, nan, -float("inf")]],
+            [[2.0, nan, 1.0, -float("inf")]],
+        ]
+    )
+    assert torch.equal(first_max_index(scores).long(), scores.argmax(0))
