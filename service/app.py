@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batching import Batcher
@@ -202,7 +203,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def _route_path(request: Request) -> str:
     route = request.scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED_ENDPOINT
+    if isinstance(path, str):
+        return path
+    # Only FastAPI's own routes record themselves in the scope. Plain Starlette routes, such
+    # as /docs and /openapi.json, are found by matching the request again.
+    for candidate in request.app.router.routes:
+        match, _ = candidate.matches(request.scope)
+        candidate_path = getattr(candidate, "path", None)
+        if match is Match.FULL and isinstance(candidate_path, str):
+            return candidate_path
+    return UNMATCHED_ENDPOINT
 
 
 class RequestObserver:

@@ -197,8 +197,16 @@ def test_openapi_documents_predict(client):
     assert set(parameters) == {"budget", "tasks"}
     assert all(p.get("description") for p in parameters.values())
     assert "multipart/form-data" in operation["requestBody"]["content"]
-    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(operation["responses"])
+    assert {"200", "400", "408", "413", "415", "422", "503", "504"} <= set(operation["responses"])
     assert client.get("/docs").status_code == 200
+
+
+def test_docs_routes_counted_by_path(client):
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/no-such-page").status_code == 404
+    metrics = client.get("/metrics").text
+    assert 'adamtl_requests_total{endpoint="/openapi.json",status_code="200"}' in metrics
+    assert 'adamtl_requests_total{endpoint="unmatched",status_code="404"}' in metrics
 
 
 def test_request_id_header_reused(client, photos):
