@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model_core.predictor import first_max_index
+from model_core.predictor import _resize_square, first_max_index
 
 
 @pytest.mark.parametrize("channels", [1, 2, 9, 21])
@@ -32,3 +33,18 @@ def test_first_max_index_nan_like_argmax():
         ]
     )
     assert torch.equal(first_max_index(scores).long(), scores.argmax(0))
+
+
+@pytest.mark.parametrize("shape", [(1000, 50), (50, 1000), (400, 300)])
+def test_resize_square_matches_one_call(shape):
+    image = torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(0)) * 255
+    expected = F.interpolate(
+        image, size=(64, 64), mode="bilinear", antialias=True, align_corners=False
+    )
+    assert torch.allclose(_resize_square(image, 64), expected, atol=1e-3)
+
+
+def test_resize_square_thin_image_stays_small():
+    # In one interpolate call this image needs a 1,000,000 x 192 x 3 intermediate (2.3 GB).
+    image = torch.zeros(1, 3, 1_000_000, 1)
+    assert _resize_square(image, 192).shape == (1, 3, 192, 192)
