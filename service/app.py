@@ -270,6 +270,10 @@ class RequestObserver:
             _log_request(request, endpoint, status_code, duration)
 
 
+# Full queue, not ready, or timed out: the service is loaded or starting, not failing.
+_LOAD_STATUSES = (503, 504)
+
+
 def _log_request(request: Request, endpoint: str, status_code: int, duration_s: float) -> None:
     fields = [
         f"request_id={request.state.request_id}",
@@ -287,7 +291,9 @@ def _log_request(request: Request, endpoint: str, status_code: int, duration_s: 
     if error is not None:
         fields.append(f"error={error!r}")
 
-    if status_code >= 500 or (error is not None and status_code < 400):
+    if status_code >= 500 and status_code not in _LOAD_STATUSES:
+        level = logging.ERROR
+    elif error is not None and status_code < 400:
         # A request that failed after a success status was sent is an error too.
         level = logging.ERROR
     elif status_code >= 400:

@@ -370,7 +370,10 @@ async def predict(
     # taken only after the upload, so slow clients cannot hold slots while they send.
     if batcher.is_full:
         raise _unavailable(
-            QueueFullError(f"the queue is full ({batcher.queue_depth} requests admitted)")
+            QueueFullError(
+                f"the queue is full ({batcher.queue_depth} of {batcher.max_queue_size} requests "
+                "admitted)"
+            )
         )
     data = await read_image_bytes(request, settings.max_upload_bytes, settings.upload_timeout_s)
 

@@ -290,3 +290,24 @@ def test_failed_stream_logged_as_error(checkpoint_path, caplog):
     assert len(lines) == 1
     assert lines[0].levelno == logging.ERROR
     assert "error='response_failed: a bug while streaming'" in lines[0].getMessage()
+
+
+def test_overload_statuses_logged_as_warning(checkpoint_path, caplog):
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.errors import ServiceError
+
+    app = create_app(make_settings(checkpoint_path))
+
+    @app.get("/busy")
+    async def busy() -> None:
+        raise ServiceError(503, "queue_full", "the queue is full: retry later")
+
+    with TestClient(app, raise_server_exceptions=False) as http, caplog.at_level(logging.INFO):
+        assert http.get("/busy").status_code == 503
+    lines = [r for r in caplog.records if r.name == "service" and "GET /busy" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
