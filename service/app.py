@@ -270,7 +270,8 @@ class RequestObserver:
             _log_request(request, endpoint, status_code, duration)
 
 
-# Full queue, not ready, or timed out: the service is loaded or starting, not failing.
+# Full queue, not ready, or timed out: the service is overloaded, starting or stopping, not
+# failing, so these are logged as warnings.
 _LOAD_STATUSES = (503, 504)
 
 

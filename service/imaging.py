@@ -24,8 +24,8 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF
 # maps, and label maps still compress well at it.
 PNG_COMPRESS_LEVEL = 1
 
-# Filtered maps of at least this many bytes are compressed in two halves, one of them on the
-# helper thread that `png_bytes` is given: a 640x480 RGB map is 922 KB.
+# Filtered maps of at least this many bytes are compressed in two halves when `png_bytes` gets
+# a helper thread. A 640x480 RGB map is 922 KB.
 SPLIT_DEFLATE_BYTES = 512 * 1024
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -258,7 +258,7 @@ def png_bytes(
             best without a filter.
         helper: a thread that compresses the second half of a large map while the calling
             thread compresses the first. The halves form one zlib stream of about the same
-            size, not byte-identical to a single pass. Without a helper, zlib's exact output.
+            size, not byte-identical to a single pass. Without a helper the output is zlib's.
 
     Returns:
         The PNG file.

@@ -72,8 +72,8 @@ def _error(description: str) -> dict[str, Any]:
 
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("The image is corrupt or truncated."),
-    413: _error("The upload exceeds the byte limit, or the image the pixel limit."),
     408: _error("The request body did not arrive within the upload timeout."),
+    413: _error("The upload exceeds the byte limit, or the image the pixel limit."),
     415: _error("The content type or the file is not a supported image."),
     422: _error("Invalid budget or tasks, or no image in the request."),
     500: _error("Inference failed."),
@@ -283,7 +283,7 @@ def encode_output(
     classes: dict[str, tuple[str, ...]],
     helper: Executor | None = None,
 ) -> TaskOutput:
-    """Encode one predicted map as a base64 PNG; `helper` may compress half of a large map."""
+    """Encode one predicted map as a base64 PNG. `helper` may compress half of a large map."""
     if task == "saliency":
         return TaskOutput(png=imaging.encode_saliency(value, helper))
     if task == "normals":
