@@ -8,7 +8,7 @@ convolutions, linear layers and attention matrix products actually run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -281,6 +281,8 @@ class AdaMTL(nn.Module):
         return_masks: bool = False,
         compute_outputs: bool = True,
         full_resolution: bool = True,
+        head_order: Sequence[str] | None = None,
+        on_output: Callable[[str, torch.Tensor], None] | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -299,6 +301,12 @@ class AdaMTL(nn.Module):
             full_resolution: resize the outputs to the input resolution (and normalise the
                 normals). False returns the heads' outputs as they are, for a caller that
                 resizes them once, to its own size (as `Predictor.predict` does).
+            head_order: tasks in the order their heads run, the others after them in the
+                config's order. Outputs and FLOPs do not depend on it.
+            on_output: called with (task, its (B, ...) output) as soon as that task's head has
+                run, before the next head runs, so a caller can post-process a map on another
+                thread while the remaining heads run. Rows of images that did not request the
+                task are zeros.
         """
         size = self.config.img_size
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
@@ -407,6 +415,10 @@ class AdaMTL(nn.Module):
             if not compute_outputs or not bool(rows.any()):
                 continue
             (shared if bool(rows.all()) else own_rows).append((task, rows))
+        if head_order is not None:
+            rank = {task: position for position, task in enumerate(head_order)}
+            shared.sort(key=lambda item: rank.get(item[0], len(rank)))
+            own_rows.sort(key=lambda item: rank.get(item[0], len(rank)))
         if shared:
             heads = [self.heads[task] for task, _ in shared]
             for (task, _), projected in zip(
@@ -416,6 +428,8 @@ class AdaMTL(nn.Module):
                 if full_resolution:
                     out = self._finish_head(task, out)
                 outputs[task] = out
+                if on_output is not None:
+                    on_output(task, out)
         for task, rows in own_rows:
             index = rows.nonzero().squeeze(1)
             inputs = [f.index_select(0, index) for f in features]
@@ -425,6 +439,8 @@ class AdaMTL(nn.Module):
                 out = self._finish_head(task, out)
             full = out.new_zeros((rows.shape[0],) + tuple(out.shape[1:]))
             outputs[task] = full.index_copy(0, index, out)
+            if on_output is not None:
+                on_output(task, outputs[task])
         outputs = {task: outputs[task] for task in self.config.tasks if task in outputs}
         flops += policy_flops
 

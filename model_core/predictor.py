@@ -8,7 +8,7 @@ and the benchmarks all call it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,11 @@ from model_core.presets import IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["HeadOutputs", "InvalidRequestError", "Prediction", "Predictor"]
 
 ImageInput = Image.Image | np.ndarray
+
+# The order in which `infer` runs the heads when a caller post-processes each output as it
+# arrives: the map whose post-processing takes longest first (the normals map costs about as
+# much as the three others together), so it overlaps most with the heads still to run.
+POSTPROCESS_FIRST = ("normals", "semseg", "human_parts", "saliency")
 
 
 @dataclass
@@ -184,15 +189,42 @@ class Predictor:
         images: Sequence[ImageInput],
         budgets: float | Sequence[float] = 1.0,
         tasks: TaskRequest = None,
+        on_output: Callable[[int, str, torch.Tensor], None] | None = None,
     ) -> list[HeadOutputs]:
         """Run the batched forward pass of `predict`, without the post-processing.
 
         A server can then post-process each image's outputs on other threads (see
-        `postprocess`) while the next batch runs. The arguments are those of `predict`.
+        `postprocess`) while the next batch runs. The other arguments are those of `predict`.
+
+        Args:
+            on_output: called in this thread with (image index, task, (C, h, w) output) for
+                each requested map as soon as its head has run, while the other heads still
+                run. The same tensors are in the returned `HeadOutputs`. The heads then run
+                in the order of `POSTPROCESS_FIRST`.
         """
         if len(images) == 0:
             return []
-        output = self.run(self.preprocess(images), budgets, tasks, full_resolution=False)
+        pixels = self.preprocess(images)
+        if on_output is None:
+            output = self.run(pixels, budgets, tasks, full_resolution=False)
+        else:
+            wanted = self.model.task_mask(tasks, len(images)).tolist()
+            names = self.tasks
+
+            def deliver(task: str, batch_output: torch.Tensor) -> None:
+                column = names.index(task)
+                for index, row in enumerate(wanted):
+                    if row[column]:
+                        on_output(index, task, batch_output[index])
+
+            output = self.run(
+                pixels,
+                budgets,
+                tasks,
+                full_resolution=False,
+                head_order=POSTPROCESS_FIRST,
+                on_output=deliver,
+            )
         names = self.tasks
         results = []
         for index in range(len(images)):

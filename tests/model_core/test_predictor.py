@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_core.predictor import _resize_square, first_max_index
+from model_core.predictor import POSTPROCESS_FIRST, Predictor, _resize_square, first_max_index
+from tests.model_core.conftest import make_model
 
 
 @pytest.mark.parametrize("channels", [1, 2, 9, 21])
@@ -48,3 +49,30 @@ def test_resize_square_thin_image_stays_small():
     # In one interpolate call this image needs a 1,000,000 x 192 x 3 intermediate (2.3 GB).
     image = torch.zeros(1, 3, 1_000_000, 1)
     assert _resize_square(image, 192).shape == (1, 3, 192, 192)
+
+
+def test_infer_delivers_each_map_as_its_head_runs():
+    predictor = Predictor(make_model())
+    generator = torch.Generator().manual_seed(3)
+    images = [
+        (torch.rand(40 + 8 * index, 56, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        for index in range(3)
+    ]
+    budgets = [0.5, 1.0, 0.7]
+    tasks = [["semseg", "normals"], ["saliency", "normals", "semseg"], ["normals", "human_parts"]]
+    delivered = []
+    results = predictor.infer(
+        images, budgets, tasks, on_output=lambda *item: delivered.append(item)
+    )
+    plain = predictor.infer(images, budgets, tasks)
+
+    expected = [(index, task) for index, result in enumerate(results) for task in result.outputs]
+    assert sorted((index, task) for index, task, _ in delivered) == sorted(expected)
+    for index, task, output in delivered:
+        returned = results[index].outputs[task]
+        assert output.data_ptr() == returned.data_ptr() and torch.equal(output, returned)
+        torch.testing.assert_close(output, plain[index].outputs[task], rtol=0, atol=0)
+        assert results[index].stats == plain[index].stats
+    # Every image asked for normals, so its head runs first and is delivered before the others.
+    assert POSTPROCESS_FIRST[0] == "normals"
+    assert [task for _, task, _ in delivered[:3]] == ["normals"] * 3
