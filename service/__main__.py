@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -13,6 +15,9 @@ from pydantic import ValidationError
 from service.settings import Settings, format_settings_error
 
 logger = logging.getLogger("service")
+
+# Seconds uvicorn waits after the drain for open connections to finish sending responses.
+FLUSH_TIMEOUT_S = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,12 +74,59 @@ def main(argv: list[str] | None = None) -> int:
     state = app.state.service
 
     class DrainingServer(uvicorn.Server):
-        """Turns readiness off as soon as SIGTERM or SIGINT arrives, before uvicorn drains."""
+        """Drain on the first SIGTERM or SIGINT while still listening, then let uvicorn exit.
+
+        uvicorn's own shutdown (0.55, `Server.shutdown`) closes the listening socket at once
+        and cancels the requests left after `timeout_graceful_shutdown`, before the app's
+        lifespan shutdown runs. So the drain runs first. New connections get the JSON 503
+        meanwhile, and requests unfinished at the deadline get a JSON 503 instead of uvicorn's
+        plain-text 500.
+        """
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._drain_signal: int | None = None
+            # Strong references, because the event loop keeps only weak ones to its tasks.
+            self._drain_tasks: list[asyncio.Task] = []
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # uvicorn installs this with signal.signal, so it runs on the main thread between
+            # two steps of the event loop, or while the loop waits in select().
+            # call_soon_threadsafe schedules the drain and also wakes a waiting loop.
             logger.info("received signal %d", sig)
             state.begin_drain()
-            super().handle_exit(sig, frame)
+            if self._loop is None or not self.started or state.batcher is None:
+                # Still starting: nothing was served yet, so uvicorn's own shutdown is enough.
+                super().handle_exit(sig, frame)
+            elif self._drain_signal is None:
+                self._drain_signal = sig
+                self._loop.call_soon_threadsafe(self._start_drain, settings.drain_timeout_s)
+            elif not self.should_exit:
+                logger.info("second signal during the drain: sending 503 to unfinished requests")
+                self._loop.call_soon_threadsafe(self._start_drain, 0.0)
+                # uvicorn records every signal and forces the exit on a second SIGINT, so the
+                # deferred first signal is handed over before this one.
+                super().handle_exit(self._drain_signal, frame)
+                super().handle_exit(sig, frame)
+            else:
+                super().handle_exit(sig, frame)
+
+        def _start_drain(self, timeout_s: float) -> None:
+            self._drain_tasks.append(asyncio.create_task(self._drain_then_exit(timeout_s)))
+
+        async def _drain_then_exit(self, timeout_s: float) -> None:
+            try:
+                await state.drain(timeout_s)
+            except Exception:
+                logger.exception("the drain failed, so the server shuts down without it")
+            if not self.should_exit:
+                assert self._drain_signal is not None
+                super().handle_exit(self._drain_signal, None)
 
     config = uvicorn.Config(
         app,
@@ -82,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_config=None,  # keep the logging set up above
         access_log=False,  # the service logs one line per request itself
-        timeout_graceful_shutdown=int(max(1, settings.drain_timeout_s)),
+        # The drain has already given requests ADAMTL_DRAIN_TIMEOUT_S, so this only flushes.
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
     )
     server = DrainingServer(config)
     server.run()

@@ -22,13 +22,15 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batching import Batcher
-from service.deps import PredictJob, ServiceState
+from service.deps import RETRY_AFTER_S, InFlightRequest, PredictJob, ServiceState
 from service.errors import error_response, install_error_handlers
 from service.metrics import UNMATCHED_ENDPOINT, ServiceMetrics
 from service.routes import router
 from service.settings import Settings, missing_checkpoint_message
 
 if TYPE_CHECKING:
+    import torch
+
     from model_core.predictor import HeadOutputs, Predictor
 
 logger = logging.getLogger("service")
@@ -145,8 +147,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The inference thread runs only the forward pass. Each request resizes and encodes its
     # maps on the image threads, while the next batch runs (see routes.encode_outputs).
     def predict_batch(jobs: list[PredictJob]) -> list[HeadOutputs]:
+        def deliver(index: int, task: str, output: torch.Tensor) -> None:
+            callback = jobs[index].on_output
+            if callback is not None:
+                callback(task, output)
+
         return predictor.infer(
-            [job.image for job in jobs], [job.budget for job in jobs], [job.tasks for job in jobs]
+            [job.image for job in jobs],
+            [job.budget for job in jobs],
+            [job.tasks for job in jobs],
+            on_output=deliver,
         )
 
     batcher: Batcher[PredictJob, HeadOutputs] = Batcher(
@@ -193,9 +203,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        state.begin_drain()
-        logger.info("shutting down: finishing %d admitted requests", batcher.queue_depth)
-        await batcher.stop(settings.drain_timeout_s)
+        # Under `python -m service` the signal handler has drained already, and this returns
+        # at once. Without it (tests, other ASGI servers) this is the only drain.
+        await state.drain(settings.drain_timeout_s)
         state.png_helper.shutdown(wait=False, cancel_futures=True)
         logger.info("shutdown complete")
 
@@ -218,6 +228,9 @@ def _route_path(request: Request) -> str:
 class RequestObserver:
     """ASGI middleware: assign the request id, then count, time and log every HTTP request.
 
+    It also registers each request in `ServiceState.in_flight`, so that the drain can wait for
+    it, and responds with 503 `not_ready` to a request that the drain cancels.
+
     Written against ASGI directly rather than as Starlette's `BaseHTTPMiddleware`, which runs
     the app in a separate task and copies each response body through a stream. The duration
     runs until the last byte of the body is handed to the server.
@@ -239,21 +252,35 @@ class RequestObserver:
         request.state.request_id = request_id
         request.state.started = time.perf_counter()
         status_code = 500
-        response_started = False
+        state: ServiceState = request.app.state.service
+        in_flight = InFlightRequest(anyio.CancelScope())
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status_code, response_started
+            nonlocal status_code
             if message["type"] == "http.response.start":
-                response_started = True
+                in_flight.response_started = True
                 status_code = message["status"]
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
             await send(message)
 
+        state.in_flight.add(in_flight)
         try:
-            await self.app(scope, receive, send_with_id)
+            with in_flight.cancel_scope:
+                await self.app(scope, receive, send_with_id)
+            # The drain cancels only requests whose response has not started (ServiceState.drain).
+            if in_flight.cancel_scope.cancelled_caught and not in_flight.response_started:
+                response = error_response(
+                    request,
+                    503,
+                    "not_ready",
+                    "the service shut down before this request finished: retry after "
+                    f"{RETRY_AFTER_S} s, or send the request to another replica",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+                await response(scope, receive, send_with_id)
         except Exception as exc:
             logger.exception("request %s failed with an unhandled error", request_id)
-            if response_started:
+            if in_flight.response_started:
                 # The status line was already sent, so the log line reports the error instead.
                 request.state.error = f"response_failed: {exc}"
                 raise
@@ -262,9 +289,9 @@ class RequestObserver:
             )
             await response(scope, receive, send_with_id)
         finally:
+            state.in_flight.discard(in_flight)
             duration = time.perf_counter() - request.state.started
             endpoint = _route_path(request)
-            state: ServiceState = request.app.state.service
             if state.metrics is not None:
                 state.metrics.observe_request(endpoint, status_code, duration)
             _log_request(request, endpoint, status_code, duration)

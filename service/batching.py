@@ -121,6 +121,8 @@ class Batcher(Generic[PayloadT, ResultT]):
         self._task: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._accepting = False
+        # Jobs of the batch now in the inference thread, which stop() fails on a timeout.
+        self._running: list[_Job[PayloadT]] = []
 
     @property
     def queue_depth(self) -> int:
@@ -140,6 +142,10 @@ class Batcher(Generic[PayloadT, ResultT]):
         self._task = asyncio.create_task(self._run(), name="adamtl-batcher")
         self._accepting = True
 
+    def close(self) -> None:
+        """Stop admitting new requests. Admitted ones still run until stop() ends the loop."""
+        self._accepting = False
+
     async def run_in_worker(self, function: Callable[[], Any]) -> Any:
         """Run `function` in the inference thread, e.g. a warm-up batch before serving."""
         if self._executor is None:
@@ -154,7 +160,7 @@ class Batcher(Generic[PayloadT, ResultT]):
 
         Raises:
             QueueFullError: `max_queue_size` requests are already admitted.
-            BatcherClosedError: The batcher is stopped or draining.
+            BatcherClosedError: The batcher is stopped, or closed for draining.
         """
         if not self._accepting:
             raise BatcherClosedError("the service is shutting down and accepts no new requests")
@@ -179,11 +185,13 @@ class Batcher(Generic[PayloadT, ResultT]):
             payload: Passed to `predict_batch`.
             timeout_s: Seconds from this call until RequestTimeoutError.
             admission: A slot from admit() that the caller holds and releases; without one,
-                submit admits the payload itself and releases the slot when it returns.
+                submit admits the payload itself and releases the slot when it returns. A
+                request admitted before close() may still submit until stop() ends the loop.
 
         Raises:
             QueueFullError: `max_queue_size` requests are already admitted.
-            BatcherClosedError: The batcher is stopped or draining.
+            BatcherClosedError: The batcher is stopped, or closed and `admission` is None.
+                Also raised for a request that was queued or running when stop() timed out.
             RequestTimeoutError: No result within `timeout_s` seconds.
             Exception: Whatever `predict_batch` raised for this payload.
         """
@@ -192,7 +200,7 @@ class Batcher(Generic[PayloadT, ResultT]):
                 return await self.submit(payload, timeout_s, own_admission)
         if admission.released:
             raise RuntimeError("submit() got an admission that was already released")
-        if not self._accepting:
+        if self._task is None:
             raise BatcherClosedError("the service is shutting down and accepts no new requests")
 
         job: _Job[PayloadT] = _Job(payload, asyncio.get_running_loop().create_future())
@@ -213,26 +221,40 @@ class Batcher(Generic[PayloadT, ResultT]):
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop admitting, finish what is queued within `drain_timeout_s`, then stop the loop.
 
-        Requests still queued after the timeout fail with BatcherClosedError.
+        Requests still queued or in the running batch after the timeout fail with
+        BatcherClosedError. The thread of the running batch cannot be interrupted, so it runs
+        to its end in the background and its results are dropped. Calling stop() again after
+        it returned does nothing.
         """
-        self._accepting = False
+        self.close()
         if self._task is None:
             return
-        assert self._idle is not None and self._wakeup is not None
-        try:
-            await asyncio.wait_for(self._wait_drained(), drain_timeout_s)
-        except TimeoutError:
-            logger.warning(
-                "drain timed out after %g s with %d requests queued; failing them",
-                drain_timeout_s,
-                len(self._queue),
-            )
+        if not self._is_drained():
+            try:
+                await asyncio.wait_for(self._wait_drained(), drain_timeout_s)
+            except TimeoutError:
+                queued = self._live_jobs()
+                running_count = sum(not job.abandoned for job in self._running)
+                if queued or running_count:
+                    logger.warning(
+                        "batcher drain timed out after %g s with %d requests queued and %d in "
+                        "the running batch; failing them",
+                        drain_timeout_s,
+                        queued,
+                        running_count,
+                    )
+        running = self._running
         self._task.cancel()
         try:
             await self._task
         except asyncio.CancelledError:
             pass
         self._task = None
+        for job in running:
+            if not job.future.done():
+                job.future.set_exception(
+                    BatcherClosedError("the service shut down before this request finished")
+                )
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
@@ -242,9 +264,12 @@ class Batcher(Generic[PayloadT, ResultT]):
         assert self._executor is not None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _wait_drained(self) -> None:
+    def _is_drained(self) -> bool:
         assert self._idle is not None
-        while self._queue or not self._idle.is_set():
+        return not self._queue and self._idle.is_set()
+
+    async def _wait_drained(self) -> None:
+        while not self._is_drained():
             await asyncio.sleep(0.01)
 
     def _set_admitted(self, count: int) -> None:
@@ -290,11 +315,13 @@ class Batcher(Generic[PayloadT, ResultT]):
                 continue
 
             self._idle.clear()
+            self._running = batch
             started = time.perf_counter()
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
             finally:
                 self._idle.set()
+            self._running = []
             duration = time.perf_counter() - started
             if self._on_batch is not None:
                 self._on_batch(len(batch), duration)

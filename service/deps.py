@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,6 +18,9 @@ from service.errors import ServiceError
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
     from PIL import Image
 
     from model_core.predictor import HeadOutputs, Predictor
@@ -25,6 +31,10 @@ logger = logging.getLogger("service")
 
 # Retry-After value of 503 responses, in seconds.
 RETRY_AFTER_S = 1
+# Seconds that requests cancelled at the drain deadline get to send their 503. A cancelled
+# request waits for the decoding or encoding step it is in, because threads cannot be stopped.
+CANCEL_WAIT_S = 2.0
+_DRAIN_POLL_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,18 @@ class PredictJob:
     image: Image.Image
     budget: float
     tasks: list[str]
+    # Called in the inference thread with (task, (C, h, w) head output) as soon as that
+    # task's head has run, so the request can start on its map while the other heads run.
+    on_output: Callable[[str, torch.Tensor], None] | None = None
+
+
+@dataclass(eq=False)
+class InFlightRequest:
+    """One HTTP request from its arrival until the app returns, as RequestObserver tracks it."""
+
+    # The drain cancels it at its deadline, and RequestObserver then responds with 503.
+    cancel_scope: anyio.CancelScope
+    response_started: bool = False
 
 
 @dataclass
@@ -54,13 +76,80 @@ class ServiceState:
     png_helper: ThreadPoolExecutor | None = None
     ready: bool = False
     draining: bool = False
+    # HTTP requests that the app is processing, added and removed by RequestObserver.
+    in_flight: set[InFlightRequest] = field(default_factory=set)
+    _drain_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _drain_deadline: float = field(default=math.inf, init=False, repr=False)  # time.monotonic()
 
     def begin_drain(self) -> None:
-        """Turn readiness off and reject new predictions; admitted ones still finish."""
+        """Turn readiness off and stop admitting predictions. Admitted ones still finish."""
         if not self.draining:
             logger.info("draining: readiness is off and new predictions get 503")
         self.draining = True
         self.ready = False
+        if self.batcher is not None:
+            self.batcher.close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Give the requests in flight `timeout_s` seconds to finish, then stop the batcher.
+
+        Turns readiness off and stops admission first. At the deadline, requests whose response
+        has not started are cancelled and get a 503 `not_ready` response. That includes those
+        queued or in the running batch, and those still uploading, decoding or encoding.
+
+        Safe to call again, also while a drain runs: every call waits for the same drain, and a
+        call with an earlier deadline moves the deadline, e.g. drain(0) on a second SIGTERM.
+        """
+        self.begin_drain()
+        self._drain_deadline = min(self._drain_deadline, time.monotonic() + timeout_s)
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(), name="adamtl-drain")
+        # Shielded, so that a caller that is cancelled does not stop the drain for the others.
+        await asyncio.shield(self._drain_task)
+
+    def _busy(self, waiting_for: set[InFlightRequest]) -> bool:
+        admitted = self.batcher.queue_depth if self.batcher is not None else 0
+        return admitted > 0 or not waiting_for.isdisjoint(self.in_flight)
+
+    async def _drain(self) -> None:
+        # Only the requests that arrived before the drain count. Later ones get a 503 at once,
+        # and under steady traffic some are always in flight, which would hold the drain until
+        # its deadline.
+        waiting_for = set(self.in_flight)
+        if self._busy(waiting_for):
+            logger.info(
+                "draining: waiting up to %.3g s for %d requests in flight",
+                max(0.0, self._drain_deadline - time.monotonic()),
+                len(waiting_for),
+            )
+        while self._busy(waiting_for) and time.monotonic() < self._drain_deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        timed_out = self._busy(waiting_for)
+
+        if self.batcher is not None:
+            await self.batcher.stop(0)
+        if not timed_out:
+            return
+        # Collected after stop() returned and cancelled with no await in between, so no request
+        # can start its response after this check. Cancelling a started one would cut its body.
+        unanswered = [request for request in self.in_flight if not request.response_started]
+        logger.warning(
+            "drain timed out with %d requests in flight; sending 503 to the %d without a response",
+            len(self.in_flight),
+            len(unanswered),
+        )
+        for request in unanswered:
+            request.cancel_scope.cancel()
+        give_up_at = time.monotonic() + CANCEL_WAIT_S
+        while any(request in self.in_flight for request in unanswered):
+            if time.monotonic() >= give_up_at:
+                logger.warning(
+                    "%d cancelled requests did not end within %g s; shutting down without them",
+                    sum(request in self.in_flight for request in unanswered),
+                    CANCEL_WAIT_S,
+                )
+                break
+            await asyncio.sleep(_DRAIN_POLL_S)
 
 
 def get_state(request: Request) -> ServiceState:

@@ -33,6 +33,8 @@ from service.schemas import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from model_core.predictor import HeadOutputs, Predictor
 
 logger = logging.getLogger("service")
@@ -292,21 +294,73 @@ def encode_output(
     return TaskOutput(png=imaging.encode_labels(value, names), classes=names)
 
 
+class EarlyMaps:
+    """Start each map's resize and encoding as soon as its head output is ready.
+
+    The predictor calls `deliver` from the inference thread while the remaining heads still
+    run (see `Predictor.infer`), so the longest map, the normals, starts a few milliseconds
+    before the forward pass ends, on a core that is otherwise idle at low load.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        size: tuple[int, int],
+        limiter: anyio.CapacityLimiter | None,
+        helper: Executor | None,
+    ) -> None:
+        self._predictor = predictor
+        self._size = size
+        self._limiter = limiter
+        self._helper = helper
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self.started: dict[str, asyncio.Future[TaskOutput]] = {}
+
+    def deliver(self, task: str, output: torch.Tensor) -> None:
+        """Called in the inference thread with one of this image's head outputs."""
+        self._loop.call_soon_threadsafe(self.start, task, output)
+
+    def start(self, task: str, output: torch.Tensor) -> None:
+        # A batch that failed is retried image by image, which delivers a map again. Any
+        # delivery gives the same map, so the first one is kept.
+        if self._closed or task in self.started:
+            return
+        work = anyio.to_thread.run_sync(self.finish, task, output, limiter=self._limiter)
+        future = asyncio.ensure_future(work)
+        # Retrieve the outcome even when the request fails before awaiting it.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self.started[task] = future
+
+    def finish(self, task: str, output: torch.Tensor) -> TaskOutput:
+        value = self._predictor.postprocess(task, output, *self._size)
+        return encode_output(task, value, self._predictor.classes, self._helper)
+
+    def cancel(self) -> None:
+        """Drop the maps of a request that failed, and ignore later deliveries."""
+        self._closed = True
+        for future in self.started.values():
+            future.cancel()
+
+
 async def encode_outputs(
     predictor: Predictor,
     heads: HeadOutputs,
     size: tuple[int, int],
     limiter: anyio.CapacityLimiter | None,
     helper: Executor | None = None,
+    started: dict[str, asyncio.Future[TaskOutput]] | None = None,
 ) -> dict[str, TaskOutput]:
     """Resize each head output to `size` (height, width) and encode it as a base64 PNG.
 
     Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
     lock, so the maps of one request are processed in parallel when cores are idle, and the
     inference thread can run the next batch meanwhile. `limiter` caps the threads of all
-    requests together, and `helper` compresses half of each large map when it is idle.
+    requests together, and `helper` compresses half of each large map when it is idle. Maps
+    in `started` (from `EarlyMaps`) are already on their way and are only awaited.
     """
     tasks = list(heads.outputs)
+    started = started or {}
     encoded: dict[str, TaskOutput] = {}
 
     def finish(task: str) -> TaskOutput:
@@ -314,7 +368,10 @@ async def encode_outputs(
         return encode_output(task, value, predictor.classes, helper)
 
     async def run(task: str) -> None:
-        encoded[task] = await anyio.to_thread.run_sync(finish, task, limiter=limiter)
+        if task in started:
+            encoded[task] = await started[task]
+        else:
+            encoded[task] = await anyio.to_thread.run_sync(finish, task, limiter=limiter)
 
     async with anyio.create_task_group() as group:
         # The normals map starts first: its resize and encoding take about as long as the
@@ -322,6 +379,25 @@ async def encode_outputs(
         for task in sorted(tasks, key=lambda name: name != "normals"):
             group.start_soon(run, task)
     return {task: encoded[task] for task in tasks}
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return when the client closes the connection. Call only after the body was read.
+
+    Once the body is read, the server's next message for the request is its disconnect.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _client_gone() -> ServiceError:
+    # Nobody reads this response; the status and type are for the log line and the metrics.
+    return ServiceError(
+        499,
+        "client_closed_request",
+        "the client closed the connection before the response was ready, so the request was "
+        "dropped: keep the connection open until the response arrives",
+    )
 
 
 @router.post(
@@ -396,12 +472,18 @@ async def predict(
             raise ServiceError(exc.status_code, exc.error_type, str(exc)) from exc
         del data
 
+        size = (image.height, image.width)
+        early = EarlyMaps(predictor, size, state.image_limiter, state.png_helper)
+        job = PredictJob(image.pixels, budget, task_list, early.deliver)
+        submitted = asyncio.ensure_future(
+            batcher.submit(job, settings.request_timeout_s, admission)
+        )
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
         try:
-            prediction, timing = await batcher.submit(
-                PredictJob(image.pixels, budget, task_list),
-                settings.request_timeout_s,
-                admission,
-            )
+            await asyncio.wait((submitted, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not submitted.done():
+                raise _client_gone()
+            prediction, timing = submitted.result()
         except (QueueFullError, BatcherClosedError) as exc:
             raise _unavailable(exc) from exc
         except RequestTimeoutError as exc:
@@ -411,14 +493,31 @@ async def predict(
                 f"{exc}: retry later with a smaller image or budget, or raise "
                 "ADAMTL_REQUEST_TIMEOUT_S",
             ) from exc
+        except ServiceError:
+            raise
         except Exception as exc:
             logger.exception("inference failed for request %s", request.state.request_id)
             raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
+        finally:
+            client_left = gone.done() and not gone.cancelled() and gone.exception() is None
+            gone.cancel()
+            if not submitted.done():
+                # Marks a queued job as abandoned, so that no batch runs it.
+                submitted.cancel()
+            failed = not submitted.done() or submitted.cancelled() or submitted.exception()
+            if failed or client_left:
+                early.cancel()
 
-        size = (image.height, image.width)
+        if client_left:
+            raise _client_gone()
         try:
             outputs = await encode_outputs(
-                predictor, prediction, size, state.image_limiter, state.png_helper
+                predictor,
+                prediction,
+                size,
+                state.image_limiter,
+                state.png_helper,
+                early.started,
             )
         except Exception as exc:
             logger.exception("post-processing failed for request %s", request.state.request_id)

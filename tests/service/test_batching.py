@@ -178,3 +178,66 @@ def test_stop_drains_admitted_requests():
 def test_queue_smaller_than_batch_rejected():
     with pytest.raises(ValueError, match="max_queue_size 2 must be at least max_batch_size 4"):
         Batcher(Recorder(), max_batch_size=4, max_wait_s=0.0, max_queue_size=2)
+
+
+def test_stop_fails_running_batch_on_timeout():
+    recorder = Recorder(delay_s=1.0)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=2, max_wait_s=0.0, max_queue_size=4)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(1, 10))
+        while not recorder.batches:
+            await asyncio.sleep(0.005)
+        started = time.perf_counter()
+        await batcher.stop(0.1)
+        with pytest.raises(BatcherClosedError, match="shut down before this request finished"):
+            await running
+        return time.perf_counter() - started, batcher.queue_depth
+
+    elapsed, depth = run(scenario())
+    # The batch function sleeps 1 s; the request failed at the drain timeout instead.
+    assert elapsed < 0.8
+    assert depth == 0
+    assert recorder.batches == [[1]]
+
+
+def test_stop_fails_queued_behind_running_batch():
+    recorder = Recorder(delay_s=1.0)
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=1, max_wait_s=0.0, max_queue_size=4)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(1, 10))
+        while not recorder.batches:
+            await asyncio.sleep(0.005)
+        queued = asyncio.create_task(batcher.submit(2, 10))
+        await asyncio.sleep(0.01)
+        await batcher.stop(0.1)
+        return await asyncio.gather(running, queued, return_exceptions=True)
+
+    outcomes = run(scenario())
+    assert isinstance(outcomes[0], BatcherClosedError)
+    assert "finished" in str(outcomes[0])
+    assert isinstance(outcomes[1], BatcherClosedError)
+    assert "ran" in str(outcomes[1])
+    assert recorder.batches == [[1]]
+
+
+def test_close_rejects_new_but_runs_admitted():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=1, max_wait_s=0.0, max_queue_size=4)
+        batcher.start()
+        admission = batcher.admit()
+        batcher.close()
+        with pytest.raises(BatcherClosedError):
+            batcher.admit()
+        with admission:
+            result, _ = await batcher.submit(5, 10, admission)
+        await batcher.stop(5)
+        await batcher.stop(5)  # a second stop does nothing
+        return result
+
+    assert run(scenario()) == 10

@@ -214,3 +214,46 @@ def test_provenance_of_wrong_type_still_serves(checkpoint_path, tmp_path):
 
     assert model["provenance"] == {}
     assert model["metrics"] == {}
+
+
+def requests_with_status(url: str, status: int) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    label = f'adamtl_requests_total{{endpoint="/predict",status_code="{status}"}}'
+    for line in text.splitlines():
+        if line.startswith(label):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def batches_run(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("adamtl_batch_size_count"):
+            return float(line.split()[-1])
+    raise AssertionError("adamtl_batch_size_count is missing from /metrics")
+
+
+def test_request_of_departed_client_is_dropped(checkpoint_path, photos):
+    # A long batch wait keeps a lone request queued while its client goes away.
+    settings = make_settings(checkpoint_path, max_batch_wait_ms=2000.0)
+    body = multipart_body(photos["rocket.jpg"])
+    with running_server(settings) as url:
+        batches_before = batches_run(url)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(multipart_request(body, len(body)))
+            time.sleep(0.5)  # the server has read the body and queued the image
+        deadline = time.monotonic() + 10
+        while requests_with_status(url, 499) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert requests_with_status(url, 499) == 1
+        time.sleep(2.0)  # past the batch wait: an abandoned image would have run by now
+        assert batches_run(url) == batches_before
+        # The admission slot was released, and the server still serves predictions.
+        response = httpx.post(
+            f"{url}/predict?tasks=semseg",
+            files={"image": ("a.jpg", photos["rocket.jpg"])},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        assert batches_run(url) == batches_before + 1

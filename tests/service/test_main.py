@@ -1,22 +1,28 @@
-"""`python -m service` as a real process: settings errors, a missing checkpoint, SIGTERM drain."""
+"""`python -m service` as a real process: settings errors, a missing checkpoint, SIGTERM drain.
+
+Also the lifespan's own drain, which is the only one when the app runs without the CLI.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
+from service.app import create_app
 from service.settings import Settings, format_settings_error
-from tests.service import samples
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, make_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,59 +84,242 @@ def test_corrupt_checkpoint_fails_start(tmp_path):
     assert str(corrupt) in result.stderr
 
 
-def test_sigterm_drains_and_exits(checkpoint_path, photos):
+def start_service(checkpoint: Path, **variables: str) -> tuple[subprocess.Popen, str]:
+    """Start `python -m service` on a free port of 127.0.0.1 and return the process and URL."""
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            str(port),
-            "--checkpoint",
-            str(checkpoint_path),
-        ],
+        [sys.executable, "-m", "service", "--port", str(port), "--checkpoint", str(checkpoint)],
         cwd=REPO_ROOT,
-        env=service_env(ADAMTL_HOST="127.0.0.1", ADAMTL_TORCH_THREADS="1"),
+        env=service_env(ADAMTL_HOST="127.0.0.1", ADAMTL_TORCH_THREADS="1", **variables),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_until_ready(process: subprocess.Popen, client: httpx.Client) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "the service exited during start-up"
+        assert time.monotonic() < deadline, "the service did not turn ready within 60 s"
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def queue_depth(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("adamtl_queue_depth "):
+            return float(line.split()[1])
+    raise AssertionError("adamtl_queue_depth is missing from /metrics")
+
+
+def slow_png() -> bytes:
+    """A small file that takes seconds to decode, resize and encode: 4000x4000 of one color."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (90, 20, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def send_while_admitted(
+    pool: ThreadPoolExecutor, client: httpx.Client, monitor: httpx.Client, image: bytes
+) -> Future:
+    """Send `image` to /predict from `pool`, and return once the service has admitted it."""
+    in_flight = pool.submit(client.post, "/predict", files={"image": ("slow.png", image)})
+    deadline = time.monotonic() + 30
+    while queue_depth(monitor) < 1:
+        assert not in_flight.done(), f"the request ended before it was seen: {in_flight.result()}"
+        assert time.monotonic() < deadline, "the request was not admitted within 30 s"
+        time.sleep(0.01)
+    return in_flight
+
+
+def wait_until_draining(url: str) -> None:
+    """Poll /readyz on new connections until it turns 503. A refused connection fails."""
+    deadline = time.monotonic() + 10
+    while True:
+        with httpx.Client(base_url=url, timeout=10) as fresh:
+            if fresh.get("/readyz").status_code == 503:
+                return
+        assert time.monotonic() < deadline, "/readyz did not turn 503 within 10 s of SIGTERM"
+        time.sleep(0.01)
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 60) -> str:
+    """Wait for the process to exit and return its output, or kill it after `timeout_s`."""
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=url, timeout=30) as client:
-            while True:
-                assert process.poll() is None, "the service exited during start-up"
-                assert time.monotonic() < deadline, "the service did not turn ready within 60 s"
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+        output, _ = process.communicate(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return output
+
+
+def assert_shutting_down_error(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["type"] == "not_ready"
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_sigterm_drains_and_exits(checkpoint_path, photos):
+    process, url = start_service(checkpoint_path)
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            httpx.Client(base_url=url, timeout=10) as monitor,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            wait_until_ready(process, client)
             response = client.post(
                 "/predict?budget=0.6", files={"image": ("cat.png", photos["chelsea.png"])}
             )
             assert response.status_code == 200
 
-            # A slow request in flight when SIGTERM arrives still gets its response.
-            large = samples.resized_jpeg(photos["coffee.png"], 2400, 1600)
-            with ThreadPoolExecutor(1) as pool:
-                in_flight = pool.submit(
-                    client.post, "/predict", files={"image": ("large.jpg", large)}
+            # A slow request in flight when SIGTERM arrives still gets its response, and the
+            # listening socket stays open meanwhile, so new connections get the JSON 503.
+            in_flight = send_while_admitted(pool, client, monitor, slow_png())
+            process.send_signal(signal.SIGTERM)
+            wait_until_draining(url)
+            # uvicorn looks for an exit request every 0.1 s, so by now it would have closed the
+            # listening socket if the signal had gone straight to it.
+            time.sleep(0.5)
+            with httpx.Client(base_url=url, timeout=10) as fresh:
+                rejected = fresh.post(
+                    "/predict", files={"image": ("cat.png", photos["chelsea.png"])}
                 )
-                time.sleep(0.3)
-                process.send_signal(signal.SIGTERM)
-                assert in_flight.result().status_code == 200
-        output, _ = process.communicate(timeout=60)
+                alive = fresh.get("/healthz")
+            assert not in_flight.done(), "the slow request ended before the checks above"
+            assert in_flight.result().status_code == 200
+        output = finish(process)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+    assert_shutting_down_error(rejected)
+    assert "shutting down" in rejected.json()["message"]
+    assert alive.status_code == 200
     # uvicorn re-raises the signal after a clean shutdown, so the exit reports SIGTERM.
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "serving model adamtl-tiny-test version 0.0.1 (preset tiny" in output
     assert "status=200 budget=0.6 flops_ratio=" in output
     assert "draining" in output
     assert "shutdown complete" in output
+    assert "Traceback" not in output
+
+
+def test_drain_timeout_answers_json_503(checkpoint_path):
+    process, url = start_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="0.2")
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            httpx.Client(base_url=url, timeout=10) as monitor,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            wait_until_ready(process, client)
+            in_flight = send_while_admitted(pool, client, monitor, slow_png())
+            process.send_signal(signal.SIGTERM)
+            unfinished = in_flight.result()
+        output = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert_shutting_down_error(unfinished)
+    assert "shut down before this request finished" in unfinished.json()["message"]
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "drain timed out with 1 requests in flight" in output
+    assert "Internal Server Error" not in output
+    assert "Cancel 1 running task(s)" not in output
+    assert "shutdown complete" in output
+
+
+def test_idle_sigterm_exits_quickly(checkpoint_path):
+    process, url = start_service(checkpoint_path)
+    try:
+        # The idle keep-alive connection of this client must not hold the shutdown up.
+        with httpx.Client(base_url=url, timeout=10) as client:
+            wait_until_ready(process, client)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            output = finish(process, timeout_s=30)
+            exit_s = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert exit_s < 2.0, output
+    assert "shutdown complete" in output
+
+
+def test_second_sigterm_ends_drain(checkpoint_path):
+    process, url = start_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="120")
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            httpx.Client(base_url=url, timeout=10) as monitor,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            wait_until_ready(process, client)
+            in_flight = send_while_admitted(pool, client, monitor, slow_png())
+            process.send_signal(signal.SIGTERM)
+            wait_until_draining(url)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            unfinished = in_flight.result()
+            output = finish(process)
+            exit_s = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert_shutting_down_error(unfinished)
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "second signal during the drain" in output
+    # Far below the drain timeout of 120 s: the longest wait left is one encoding step, the
+    # drain's CANCEL_WAIT_S and uvicorn's FLUSH_TIMEOUT_S.
+    assert exit_s < 15, output
+
+
+@pytest.mark.parametrize(("drain_timeout_s", "expected_status"), [(30.0, 200), (0.2, 503)])
+def test_lifespan_drain_without_cli(checkpoint_path, drain_timeout_s, expected_status):
+    app = create_app(make_settings(checkpoint_path, drain_timeout_s=drain_timeout_s))
+    state = app.state.service
+    image = slow_png()
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, float]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with app.router.lifespan_context(app):
+                pending = asyncio.create_task(
+                    client.post("/predict", files={"image": ("slow.png", image)})
+                )
+                while state.batcher.queue_depth < 1:
+                    assert not pending.done(), pending.result()
+                    await asyncio.sleep(0.01)
+                # Leaving this block runs the lifespan shutdown while the request is admitted.
+            response = await pending
+            rejected = await client.post("/predict", files={"image": ("slow.png", image)})
+            started = time.perf_counter()
+            await state.drain(30)  # a second drain returns at once
+            return response, rejected, time.perf_counter() - started
+
+    response, rejected, second_drain_s = asyncio.run(asyncio.wait_for(scenario(), 60))
+
+    assert response.status_code == expected_status, response.text
+    if expected_status == 503:
+        assert_shutting_down_error(response)
+    assert_shutting_down_error(rejected)
+    assert second_drain_s < 0.1
+    assert state.batcher.queue_depth == 0
+    assert not state.in_flight
