@@ -152,11 +152,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if callback is not None:
                 callback(task, output)
 
+        # A lone image's maps start while its remaining heads run, on a core that is idle at
+        # low load. In a larger batch they would start task by task across all its images, so
+        # that every request waited for the last task's maps. Under load the image threads are
+        # busy with the previous batch anyway, so larger batches hand their maps over at the end.
         return predictor.infer(
             [job.image for job in jobs],
             [job.budget for job in jobs],
             [job.tasks for job in jobs],
-            on_output=deliver,
+            on_output=deliver if len(jobs) == 1 else None,
         )
 
     batcher: Batcher[PredictJob, HeadOutputs] = Batcher(
