@@ -8,6 +8,7 @@ and the benchmarks all call it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,12 @@ class Predictor:
         batch = []
         for image in images:
             array = _as_rgb_array(image)
-            tensor = torch.from_numpy(array).to(self.device).permute(2, 0, 1)[None].float()
+            with warnings.catch_warnings():
+                # A read-only array, such as np.asarray of a PIL image, makes torch warn that
+                # writing to the tensor is undefined. Nothing writes to it: .float() copies.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                pixels = torch.from_numpy(array)
+            tensor = pixels.to(self.device).permute(2, 0, 1)[None].float()
             batch.append(_resize_square(tensor, size))
         pixels = torch.cat(batch).div_(255.0)
         return (pixels - self._mean) / self._std

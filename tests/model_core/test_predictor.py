@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,3 +80,21 @@ def test_infer_delivers_each_map_as_its_head_runs():
     # Every image asked for normals, so its head runs first and is delivered before the others.
     assert POSTPROCESS_FIRST[0] == "normals"
     assert [task for _, task, _ in delivered[:3]] == ["normals"] * 3
+
+
+def test_read_only_array_gives_no_warning():
+    # torch warns once per process, so the check runs in a process of its own.
+    code = (
+        "import warnings, numpy as np\n"
+        "from model_core.predictor import Predictor\n"
+        "from tests.model_core.conftest import make_model\n"
+        "image = np.zeros((20, 30, 3), np.uint8)\n"
+        "image.flags.writeable = False\n"
+        "warnings.simplefilter('error')\n"
+        "Predictor(make_model()).predict([image])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
