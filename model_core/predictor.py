@@ -28,9 +28,8 @@ __all__ = ["HeadOutputs", "InvalidRequestError", "Prediction", "Predictor"]
 
 ImageInput = Image.Image | np.ndarray
 
-# The order in which `infer` runs the heads when a caller post-processes each output as it
-# arrives: the map whose post-processing takes longest first (the normals map costs about as
-# much as the three others together), so it overlaps most with the heads still to run.
+# Order of the heads when `infer` hands each output over as it arrives. The normals map
+# takes about as long to post-process as the three others together, so it goes first.
 POSTPROCESS_FIRST = ("normals", "semseg", "human_parts", "saliency")
 
 

@@ -55,7 +55,7 @@ def test_resize_square_thin_image_stays_small():
     assert _resize_square(image, 192).shape == (1, 3, 192, 192)
 
 
-def test_infer_delivers_each_map_as_its_head_runs():
+def test_infer_delivers_maps_early():
     predictor = Predictor(make_model())
     generator = torch.Generator().manual_seed(3)
     images = [
@@ -74,7 +74,8 @@ def test_infer_delivers_each_map_as_its_head_runs():
     assert sorted((index, task) for index, task, _ in delivered) == sorted(expected)
     for index, task, output in delivered:
         returned = results[index].outputs[task]
-        assert output.data_ptr() == returned.data_ptr() and torch.equal(output, returned)
+        assert output.data_ptr() == returned.data_ptr()
+        assert torch.equal(output, returned)
         torch.testing.assert_close(output, plain[index].outputs[task], rtol=0, atol=0)
         assert results[index].stats == plain[index].stats
     # Every image asked for normals, so its head runs first and is delivered before the others.
