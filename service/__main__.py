@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
     )
     server = DrainingServer(config)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises a captured SIGINT after its shutdown, as uvicorn.run expects.
+        pass
     # uvicorn sets `started` only after the lifespan started; a failed start-up lands here.
     if not server.started:
         logger.error("the service did not start; see the errors above")

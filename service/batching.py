@@ -236,10 +236,11 @@ class Batcher(Generic[PayloadT, ResultT]):
                 queued = self._live_jobs()
                 running_count = sum(not job.abandoned for job in self._running)
                 if queued or running_count:
+                    # The service's drain waits itself and then calls stop(0), so the
+                    # timeout here is not the one a user set.
                     logger.warning(
-                        "batcher drain timed out after %g s with %d requests queued and %d in "
-                        "the running batch; failing them",
-                        drain_timeout_s,
+                        "stopping the batcher with %d requests queued and %d in the running "
+                        "batch; failing them",
                         queued,
                         running_count,
                     )

@@ -17,7 +17,12 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from service import imaging
-from service.batching import BatcherClosedError, QueueFullError, RequestTimeoutError
+from service.batching import (
+    BatcherClosedError,
+    BatchTiming,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from service.deps import RETRY_AFTER_S, PredictJob, ReadyStateDep, StateDep
 from service.errors import ServiceError, shorten
 from service.schemas import (
@@ -298,7 +303,7 @@ class EarlyMaps:
     """Start each map's resize and encoding as soon as its head output is ready.
 
     The predictor calls `deliver` from the inference thread while the remaining heads still
-    run (see `Predictor.infer`), so the longest map, the normals, starts a few milliseconds
+    run (see `Predictor.infer`). The longest map, the normals, thus starts a few milliseconds
     before the forward pass ends, on a core that is otherwise idle at low load.
     """
 
@@ -329,18 +334,29 @@ class EarlyMaps:
         work = anyio.to_thread.run_sync(self.finish, task, output, limiter=self._limiter)
         future = asyncio.ensure_future(work)
         # Retrieve the outcome even when the request fails before awaiting it.
-        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        future.add_done_callback(_retrieve_outcome)
         self.started[task] = future
 
     def finish(self, task: str, output: torch.Tensor) -> TaskOutput:
+        if self._closed:
+            # The request failed before this map's thread started.
+            raise _MapSkipped(task)
         value = self._predictor.postprocess(task, output, *self._size)
         return encode_output(task, value, self._predictor.classes, self._helper)
 
-    def cancel(self) -> None:
-        """Drop the maps of a request that failed, and ignore later deliveries."""
+    def close(self) -> None:
+        """Skip the maps not started yet and ignore later deliveries, for a failed request."""
         self._closed = True
-        for future in self.started.values():
-            future.cancel()
+
+    async def wait_idle(self) -> None:
+        """Wait until no map of this request is on a thread."""
+        running = [future for future in self.started.values() if not future.done()]
+        if running:
+            await asyncio.wait(running)
+
+
+class _MapSkipped(Exception):
+    """A map of a failed request was not computed."""
 
 
 async def encode_outputs(
@@ -369,7 +385,9 @@ async def encode_outputs(
 
     async def run(task: str) -> None:
         if task in started:
-            encoded[task] = await started[task]
+            # Shielded, so that cancelling this request does not abandon the map's thread:
+            # the request waits for it (see EarlyMaps.wait_idle).
+            encoded[task] = await asyncio.shield(started[task])
         else:
             encoded[task] = await anyio.to_thread.run_sync(finish, task, limiter=limiter)
 
@@ -390,8 +408,54 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
+async def _await_prediction(
+    request: Request,
+    submitted: asyncio.Future[tuple[HeadOutputs, BatchTiming]],
+    gone: asyncio.Future[None],
+    early: EarlyMaps,
+) -> tuple[HeadOutputs, BatchTiming]:
+    """Wait for the batcher's result, or raise 499 as soon as the client leaves.
+
+    Maps errors of the batcher to their HTTP errors, and drops the early maps of a request
+    that fails.
+    """
+    try:
+        await asyncio.wait((submitted, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not submitted.done():
+            raise _client_gone()
+        return submitted.result()
+    except (QueueFullError, BatcherClosedError) as exc:
+        raise _unavailable(exc) from exc
+    except RequestTimeoutError as exc:
+        raise ServiceError(
+            504,
+            "timeout",
+            f"{exc}: retry later with a smaller image or budget, or raise ADAMTL_REQUEST_TIMEOUT_S",
+        ) from exc
+    except ServiceError:
+        raise
+    except Exception as exc:
+        logger.exception("inference failed for request %s", request.state.request_id)
+        raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
+    finally:
+        if not submitted.done():
+            # Marks a queued job as abandoned, so that no batch runs it. The shutdown may
+            # still fail the job before the cancellation lands, so its outcome is read here.
+            submitted.cancel()
+            submitted.add_done_callback(_retrieve_outcome)
+            early.close()
+        elif submitted.cancelled() or submitted.exception() is not None:
+            early.close()
+
+
+def _retrieve_outcome(future: asyncio.Future) -> None:
+    # Reading the outcome keeps asyncio from logging "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
+
+
 def _client_gone() -> ServiceError:
-    # Nobody reads this response; the status and type are for the log line and the metrics.
+    # The client has gone, so the status and type serve only the log line and the metrics.
     return ServiceError(
         499,
         "client_closed_request",
@@ -479,51 +543,42 @@ async def predict(
             batcher.submit(job, settings.request_timeout_s, admission)
         )
         gone = asyncio.ensure_future(wait_for_disconnect(request))
+        gone.add_done_callback(_retrieve_outcome)
+        encoding: asyncio.Future[dict[str, TaskOutput]] | None = None
         try:
-            await asyncio.wait((submitted, gone), return_when=asyncio.FIRST_COMPLETED)
-            if not submitted.done():
-                raise _client_gone()
-            prediction, timing = submitted.result()
-        except (QueueFullError, BatcherClosedError) as exc:
-            raise _unavailable(exc) from exc
-        except RequestTimeoutError as exc:
-            raise ServiceError(
-                504,
-                "timeout",
-                f"{exc}: retry later with a smaller image or budget, or raise "
-                "ADAMTL_REQUEST_TIMEOUT_S",
-            ) from exc
-        except ServiceError:
-            raise
-        except Exception as exc:
-            logger.exception("inference failed for request %s", request.state.request_id)
-            raise ServiceError(500, "inference_failed", f"inference failed ({exc}); retry") from exc
-        finally:
-            client_left = gone.done() and not gone.cancelled() and gone.exception() is None
-            gone.cancel()
-            if not submitted.done():
-                # Marks a queued job as abandoned, so that no batch runs it.
-                submitted.cancel()
-            failed = not submitted.done() or submitted.cancelled() or submitted.exception()
-            if failed or client_left:
-                early.cancel()
-
-        if client_left:
-            raise _client_gone()
-        try:
-            outputs = await encode_outputs(
-                predictor,
-                prediction,
-                size,
-                state.image_limiter,
-                state.png_helper,
-                early.started,
+            prediction, timing = await _await_prediction(request, submitted, gone, early)
+            encoding = asyncio.ensure_future(
+                encode_outputs(
+                    predictor,
+                    prediction,
+                    size,
+                    state.image_limiter,
+                    state.png_helper,
+                    early.started,
+                )
             )
-        except Exception as exc:
-            logger.exception("post-processing failed for request %s", request.state.request_id)
-            raise ServiceError(
-                500, "inference_failed", f"post-processing failed ({exc}); retry"
-            ) from exc
+            await asyncio.wait((encoding, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not encoding.done():
+                raise _client_gone()
+            try:
+                outputs = encoding.result()
+            except Exception as exc:
+                logger.exception("post-processing failed for request %s", request.state.request_id)
+                raise ServiceError(
+                    500, "inference_failed", f"post-processing failed ({exc}); retry"
+                ) from exc
+        finally:
+            gone.cancel()
+            # Threads cannot be stopped, so the request ends after its maps already on a
+            # thread. Its admission slot then covers their memory, and no map runs on during
+            # the process's exit. Maps not started yet are skipped. The wait is shielded
+            # because the shutdown's deadline may have cancelled this request.
+            with anyio.CancelScope(shield=True):
+                if encoding is not None and not encoding.done():
+                    encoding.cancel()
+                    await asyncio.wait((encoding,))
+                early.close()
+                await early.wait_idle()
     stats = prediction.stats
     metrics.observe_image(stats)
     metrics.queue_wait.observe(timing.queue_s)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import httpx
@@ -257,3 +258,43 @@ def test_request_of_departed_client_is_dropped(checkpoint_path, photos):
         )
         assert response.status_code == 200
         assert batches_run(url) == batches_before + 1
+
+
+def test_client_leaving_during_encoding_gets_499(checkpoint_path):
+    # A 4000x4000 upload takes seconds to resize and encode after its fast forward pass.
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (90, 20, 200)).save(buffer, "PNG")
+    body = buffer.getvalue()
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with running_server(make_settings(checkpoint_path, max_batch_wait_ms=0.0)) as url:
+        batches_before = batches_run(url)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(head + body)
+            deadline = time.monotonic() + 30
+            while batches_run(url) == batches_before:
+                assert time.monotonic() < deadline, "the image's batch did not run within 30 s"
+                time.sleep(0.01)
+        # The connection is closed while the maps are being encoded.
+        deadline = time.monotonic() + 60
+        while requests_with_status(url, 499) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert requests_with_status(url, 499) == 1
+        assert requests_with_status(url, 200) == 0
+        # The request ends only after its maps already on a thread, so none outlives it.
+        assert threads_encoding_maps() == 0
+
+
+def threads_encoding_maps() -> int:
+    """Count the threads now inside the service's map post-processing (`finish` in routes)."""
+    count = 0
+    for frame in sys._current_frames().values():
+        codes = [seen.f_code for seen, _ in traceback.walk_stack(frame)]
+        if any(
+            code.co_name == "finish" and code.co_filename.endswith("routes.py") for code in codes
+        ):
+            count += 1
+    return count

@@ -241,6 +241,50 @@ def test_drain_timeout_answers_json_503(checkpoint_path):
     assert "shutdown complete" in output
 
 
+def test_drain_timeout_fails_queued_request_quietly(checkpoint_path, photos):
+    # A long batch wait keeps the request queued until the drain's deadline.
+    process, url = start_service(
+        checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="0.3", ADAMTL_MAX_BATCH_WAIT_MS="5000"
+    )
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            httpx.Client(base_url=url, timeout=10) as monitor,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            wait_until_ready(process, client)
+            in_flight = send_while_admitted(pool, client, monitor, photos["chelsea.png"])
+            process.send_signal(signal.SIGTERM)
+            unfinished = in_flight.result()
+        output = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert_shutting_down_error(unfinished)
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "never retrieved" not in output
+    assert "Traceback" not in output
+
+
+def test_sigint_exits_without_traceback(checkpoint_path):
+    process, url = start_service(checkpoint_path)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            wait_until_ready(process, client)
+            process.send_signal(signal.SIGINT)
+            output = finish(process, timeout_s=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert process.returncode == 0, output
+    assert "shutdown complete" in output
+    assert "KeyboardInterrupt" not in output
+
+
 def test_idle_sigterm_exits_quickly(checkpoint_path):
     process, url = start_service(checkpoint_path)
     try:
