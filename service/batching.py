@@ -152,17 +152,21 @@ class Batcher(Generic[PayloadT, ResultT]):
             raise BatcherClosedError("the batcher is not running: call start() first")
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
-    def admit(self) -> Admission:
+    def admit(self, after_close: bool = False) -> Admission:
         """Reserve one of the `max_queue_size` admission slots before any costly work.
 
         Hold the slot while the request decodes its input and waits for its result, then
         release it, e.g. `with batcher.admit() as admission: ...`.
 
+        Args:
+            after_close: admit even after close(), as long as the loop runs: for a request
+                that arrived before the drain began and has only now finished its upload.
+
         Raises:
             QueueFullError: `max_queue_size` requests are already admitted.
             BatcherClosedError: The batcher is stopped, or closed for draining.
         """
-        if not self._accepting:
+        if not self._accepting and not (after_close and self._task is not None):
             raise BatcherClosedError("the service is shutting down and accepts no new requests")
         if self._admitted >= self.max_queue_size:
             raise QueueFullError(

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 ENDPOINTS: tuple[str, ...] = ("/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
 # Label value for requests that match no route (404s), so clients cannot create new series.
 UNMATCHED_ENDPOINT = "unmatched"
-PREDICT_STATUS_CODES: tuple[int, ...] = (200, 400, 413, 415, 422, 500, 503, 504)
+PREDICT_STATUS_CODES: tuple[int, ...] = (200, 400, 408, 413, 415, 422, 499, 500, 503, 504)
 STAGES: tuple[str, ...] = ("1", "2", "3", "4")
 
 # Fractions of the static model's FLOPs that the FLOPs histogram resolves.
@@ -178,6 +178,7 @@ class ServiceMetrics:
             for code in codes:
                 self.requests.labels(endpoint=endpoint, status_code=str(code))
         self.requests.labels(endpoint="/readyz", status_code="503")
+        self.requests.labels(endpoint=UNMATCHED_ENDPOINT, status_code="404")
 
     def observe_image(self, stats: Mapping[str, Any]) -> None:
         """Record the execution statistics of one predicted image (a Prediction.stats dict)."""

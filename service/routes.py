@@ -520,7 +520,9 @@ async def predict(
     # Decoding and encoding a large image cost hundreds of MB, so both run inside the
     # admission slot: at most ADAMTL_MAX_QUEUE_SIZE requests hold decoded images at once.
     try:
-        admission = batcher.admit()
+        # The readiness check let this request in, so it arrived before any drain began,
+        # and the drain waits for it even when its upload ends after the drain's start.
+        admission = batcher.admit(after_close=True)
     except (QueueFullError, BatcherClosedError) as exc:
         raise _unavailable(exc) from exc
     with admission:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_core.presets import TASKS
+from service.app import create_app
 from tests.service import samples
 from tests.service.conftest import make_settings, running_server
 
@@ -268,3 +270,19 @@ def test_exif_rotated_photo_swaps_size(client, photos):
     body = response.json()
     assert body["image"] == {"width": 427, "height": 640}
     assert decode_output(body, "semseg").shape == (640, 427)
+
+
+def test_request_series_exist_before_first_event(checkpoint_path):
+    app = create_app(make_settings(checkpoint_path))
+
+    async def scrape() -> str:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return (await client.get("/metrics")).text
+
+    text = asyncio.run(scrape())
+    for code in (200, 400, 408, 413, 415, 422, 499, 500, 503, 504):
+        assert f'adamtl_requests_total{{endpoint="/predict",status_code="{code}"}} 0.0' in text
+    assert 'adamtl_requests_total{endpoint="unmatched",status_code="404"} 0.0' in text
+    assert 'adamtl_requests_total{endpoint="/readyz",status_code="503"} 0.0' in text

@@ -9,6 +9,7 @@ import asyncio
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -212,6 +213,36 @@ def test_sigterm_drains_and_exits(checkpoint_path, photos):
     assert "draining" in output
     assert "shutdown complete" in output
     assert "Traceback" not in output
+
+
+def test_upload_in_progress_finishes_during_drain(checkpoint_path, photos):
+    body = photos["chelsea.png"]
+    head = (
+        "POST /predict?tasks=semseg HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    process, url = start_service(checkpoint_path)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_until_ready(process, client)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(head + body[:1000])
+            time.sleep(0.5)  # the server has the headers and waits for the rest of the body
+            process.send_signal(signal.SIGTERM)
+            wait_until_draining(url)
+            connection.sendall(body[1000:])
+            response = b""
+            while chunk := connection.recv(65536):
+                response += chunk
+        output = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert process.returncode in (0, -signal.SIGTERM), output
 
 
 def test_drain_timeout_answers_json_503(checkpoint_path):
