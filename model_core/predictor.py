@@ -213,12 +213,12 @@ class Predictor:
         if on_output is None:
             output = self.run(pixels, budgets, tasks, full_resolution=False)
         else:
-            wanted = self.model.task_mask(tasks, len(images)).tolist()
+            requested = self.model.task_mask(tasks, len(images)).tolist()
             names = self.tasks
 
             def deliver(task: str, batch_output: torch.Tensor) -> None:
                 column = names.index(task)
-                for index, row in enumerate(wanted):
+                for index, row in enumerate(requested):
                     if row[column]:
                         on_output(index, task, batch_output[index])
 

@@ -145,17 +145,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
 
     # The inference thread runs only the forward pass. Each request resizes and encodes its
-    # maps on the image threads, while the next batch runs (see routes.encode_outputs).
+    # maps on the image threads, while the next batch runs (see routes.MapEncoder).
     def predict_batch(jobs: list[PredictJob]) -> list[HeadOutputs]:
         def deliver(index: int, task: str, output: torch.Tensor) -> None:
             callback = jobs[index].on_output
             if callback is not None:
                 callback(task, output)
 
-        # A lone image's maps start while its remaining heads run, on a core that is idle at
-        # low load. In a larger batch they would start task by task across all its images, so
-        # that every request waited for the last task's maps. Under load the image threads are
-        # busy with the previous batch anyway, so larger batches hand their maps over at the end.
+        # Only a lone image hands its maps over early. In a larger batch they would start task
+        # by task across all its images, so every request would wait for the last task's maps.
         return predictor.infer(
             [job.image for job in jobs],
             [job.budget for job in jobs],

@@ -299,12 +299,18 @@ def encode_output(
     return TaskOutput(png=imaging.encode_labels(value, names), classes=names)
 
 
-class EarlyMaps:
-    """Start each map's resize and encoding as soon as its head output is ready.
+class MapEncoder:
+    """Resize and encode the maps of one request, each as soon as its head output is ready.
 
-    The predictor calls `deliver` from the inference thread while the remaining heads still
-    run (see `Predictor.infer`). The longest map, the normals, thus starts a few milliseconds
-    before the forward pass ends, on a core that is otherwise idle at low load.
+    For a lone image the predictor calls `deliver` from the inference thread while the
+    remaining heads still run (see `Predictor.infer`). The normals map, which takes longest,
+    thus starts a few milliseconds before the forward pass ends, on a core that is otherwise
+    idle at low load. `encode_all` then starts the maps not delivered early.
+
+    Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
+    lock, so the maps of one request are processed in parallel when cores are idle, and the
+    inference thread can run the next batch meanwhile. `limiter` caps the threads of all
+    requests together, and `helper` compresses half of each large map when it is idle.
     """
 
     def __init__(
@@ -315,34 +321,44 @@ class EarlyMaps:
         helper: Executor | None,
     ) -> None:
         self._predictor = predictor
-        self._size = size
+        self._size = size  # (height, width)
         self._limiter = limiter
         self._helper = helper
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self.started: dict[str, asyncio.Future[TaskOutput]] = {}
+        self._started: dict[str, asyncio.Future[TaskOutput]] = {}
 
     def deliver(self, task: str, output: torch.Tensor) -> None:
-        """Called in the inference thread with one of this image's head outputs."""
-        self._loop.call_soon_threadsafe(self.start, task, output)
+        """Start one map from the inference thread, as soon as its head has run."""
+        self._loop.call_soon_threadsafe(self._start, task, output)
 
-    def start(self, task: str, output: torch.Tensor) -> None:
+    def _start(self, task: str, output: torch.Tensor) -> None:
         # A batch that failed is retried image by image, which delivers a map again. Any
         # delivery gives the same map, so the first one is kept.
-        if self._closed or task in self.started:
+        if self._closed or task in self._started:
             return
-        work = anyio.to_thread.run_sync(self.finish, task, output, limiter=self._limiter)
+        work = anyio.to_thread.run_sync(self._finish, task, output, limiter=self._limiter)
         future = asyncio.ensure_future(work)
         # Retrieve the outcome even when the request fails before awaiting it.
         future.add_done_callback(_retrieve_outcome)
-        self.started[task] = future
+        self._started[task] = future
 
-    def finish(self, task: str, output: torch.Tensor) -> TaskOutput:
+    def _finish(self, task: str, output: torch.Tensor) -> TaskOutput:
         if self._closed:
             # The request failed before this map's thread started.
             raise _MapSkipped(task)
         value = self._predictor.postprocess(task, output, *self._size)
         return encode_output(task, value, self._predictor.classes, self._helper)
+
+    async def encode_all(self, heads: HeadOutputs) -> dict[str, TaskOutput]:
+        """Return every map of `heads` as a base64 PNG at the image's size, in `heads` order."""
+        # The normals map starts first: its resize and encoding take about as long as the
+        # three other maps together, so it would otherwise finish last on its own thread.
+        for task in sorted(heads.outputs, key=lambda name: name != "normals"):
+            self._start(task, heads.outputs[task])
+        # Shielded, so that cancelling this request does not abandon a map's thread: the
+        # request waits for it in wait_idle.
+        return {task: await asyncio.shield(self._started[task]) for task in heads.outputs}
 
     def close(self) -> None:
         """Skip the maps not started yet and ignore later deliveries, for a failed request."""
@@ -350,53 +366,13 @@ class EarlyMaps:
 
     async def wait_idle(self) -> None:
         """Wait until no map of this request is on a thread."""
-        running = [future for future in self.started.values() if not future.done()]
+        running = [future for future in self._started.values() if not future.done()]
         if running:
             await asyncio.wait(running)
 
 
 class _MapSkipped(Exception):
     """A map of a failed request was not computed."""
-
-
-async def encode_outputs(
-    predictor: Predictor,
-    heads: HeadOutputs,
-    size: tuple[int, int],
-    limiter: anyio.CapacityLimiter | None,
-    helper: Executor | None = None,
-    started: dict[str, asyncio.Future[TaskOutput]] | None = None,
-) -> dict[str, TaskOutput]:
-    """Resize each head output to `size` (height, width) and encode it as a base64 PNG.
-
-    Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
-    lock, so the maps of one request are processed in parallel when cores are idle, and the
-    inference thread can run the next batch meanwhile. `limiter` caps the threads of all
-    requests together, and `helper` compresses half of each large map when it is idle. Maps
-    in `started` (from `EarlyMaps`) are already on their way and are only awaited.
-    """
-    tasks = list(heads.outputs)
-    started = started or {}
-    encoded: dict[str, TaskOutput] = {}
-
-    def finish(task: str) -> TaskOutput:
-        value = predictor.postprocess(task, heads.outputs[task], *size)
-        return encode_output(task, value, predictor.classes, helper)
-
-    async def run(task: str) -> None:
-        if task in started:
-            # Shielded, so that cancelling this request does not abandon the map's thread:
-            # the request waits for it (see EarlyMaps.wait_idle).
-            encoded[task] = await asyncio.shield(started[task])
-        else:
-            encoded[task] = await anyio.to_thread.run_sync(finish, task, limiter=limiter)
-
-    async with anyio.create_task_group() as group:
-        # The normals map starts first: its resize and encoding take about as long as the
-        # three other maps together, so it would otherwise finish last on its own thread.
-        for task in sorted(tasks, key=lambda name: name != "normals"):
-            group.start_soon(run, task)
-    return {task: encoded[task] for task in tasks}
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -411,16 +387,16 @@ async def wait_for_disconnect(request: Request) -> None:
 async def _await_prediction(
     request: Request,
     submitted: asyncio.Future[tuple[HeadOutputs, BatchTiming]],
-    gone: asyncio.Future[None],
-    early: EarlyMaps,
+    disconnected: asyncio.Future[None],
+    maps: MapEncoder,
 ) -> tuple[HeadOutputs, BatchTiming]:
     """Wait for the batcher's result, or raise 499 as soon as the client leaves.
 
-    Maps errors of the batcher to their HTTP errors, and drops the early maps of a request
-    that fails.
+    Maps errors of the batcher to their HTTP errors, and skips the maps of a request that
+    fails.
     """
     try:
-        await asyncio.wait((submitted, gone), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((submitted, disconnected), return_when=asyncio.FIRST_COMPLETED)
         if not submitted.done():
             raise _client_gone()
         return submitted.result()
@@ -443,9 +419,9 @@ async def _await_prediction(
             # still fail the job before the cancellation lands, so its outcome is read here.
             submitted.cancel()
             submitted.add_done_callback(_retrieve_outcome)
-            early.close()
+            maps.close()
         elif submitted.cancelled() or submitted.exception() is not None:
-            early.close()
+            maps.close()
 
 
 def _retrieve_outcome(future: asyncio.Future) -> None:
@@ -539,27 +515,18 @@ async def predict(
         del data
 
         size = (image.height, image.width)
-        early = EarlyMaps(predictor, size, state.image_limiter, state.png_helper)
-        job = PredictJob(image.pixels, budget, task_list, early.deliver)
+        maps = MapEncoder(predictor, size, state.image_limiter, state.png_helper)
+        job = PredictJob(image.pixels, budget, task_list, maps.deliver)
         submitted = asyncio.ensure_future(
             batcher.submit(job, settings.request_timeout_s, admission)
         )
-        gone = asyncio.ensure_future(wait_for_disconnect(request))
-        gone.add_done_callback(_retrieve_outcome)
+        disconnected = asyncio.ensure_future(wait_for_disconnect(request))
+        disconnected.add_done_callback(_retrieve_outcome)
         encoding: asyncio.Future[dict[str, TaskOutput]] | None = None
         try:
-            prediction, timing = await _await_prediction(request, submitted, gone, early)
-            encoding = asyncio.ensure_future(
-                encode_outputs(
-                    predictor,
-                    prediction,
-                    size,
-                    state.image_limiter,
-                    state.png_helper,
-                    early.started,
-                )
-            )
-            await asyncio.wait((encoding, gone), return_when=asyncio.FIRST_COMPLETED)
+            prediction, timing = await _await_prediction(request, submitted, disconnected, maps)
+            encoding = asyncio.ensure_future(maps.encode_all(prediction))
+            await asyncio.wait((encoding, disconnected), return_when=asyncio.FIRST_COMPLETED)
             if not encoding.done():
                 raise _client_gone()
             try:
@@ -570,7 +537,7 @@ async def predict(
                     500, "inference_failed", f"post-processing failed ({exc}); retry"
                 ) from exc
         finally:
-            gone.cancel()
+            disconnected.cancel()
             # Threads cannot be stopped, so the request ends after its maps already on a
             # thread. Its admission slot then covers their memory, and no map runs on during
             # the process's exit. Maps not started yet are skipped. The wait is shielded
@@ -579,8 +546,8 @@ async def predict(
                 if encoding is not None and not encoding.done():
                     encoding.cancel()
                     await asyncio.wait((encoding,))
-                early.close()
-                await early.wait_idle()
+                maps.close()
+                await maps.wait_idle()
     stats = prediction.stats
     metrics.observe_image(stats)
     metrics.queue_wait.observe(timing.queue_s)

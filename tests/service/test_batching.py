@@ -241,3 +241,21 @@ def test_close_rejects_new_but_runs_admitted():
         return result
 
     assert run(scenario()) == 10
+
+
+def test_admit_after_close_until_stop():
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = Batcher(recorder, max_batch_size=1, max_wait_s=0.0, max_queue_size=4)
+        batcher.start()
+        batcher.close()
+        # A request that arrived before the drain may still take a slot and run.
+        with batcher.admit(after_close=True) as admission:
+            result, _ = await batcher.submit(7, 10, admission)
+        await batcher.stop(5)
+        with pytest.raises(BatcherClosedError):
+            batcher.admit(after_close=True)
+        return result
+
+    assert run(scenario()) == 14

@@ -13,7 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -85,8 +87,12 @@ def test_corrupt_checkpoint_fails_start(tmp_path):
     assert str(corrupt) in result.stderr
 
 
-def start_service(checkpoint: Path, **variables: str) -> tuple[subprocess.Popen, str]:
-    """Start `python -m service` on a free port of 127.0.0.1 and return the process and URL."""
+@contextmanager
+def running_service(checkpoint: Path, **variables: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run `python -m service` on a free port of 127.0.0.1; yield the process and URL.
+
+    The process is killed on exit if it is still running.
+    """
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--checkpoint", str(checkpoint)],
@@ -96,7 +102,12 @@ def start_service(checkpoint: Path, **variables: str) -> tuple[subprocess.Popen,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    return process, f"http://127.0.0.1:{port}"
+    try:
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def wait_until_ready(process: subprocess.Popen, client: httpx.Client) -> None:
@@ -169,8 +180,7 @@ def assert_shutting_down_error(response: httpx.Response) -> None:
 
 
 def test_sigterm_drains_and_exits(checkpoint_path, photos):
-    process, url = start_service(checkpoint_path)
-    try:
+    with running_service(checkpoint_path) as (process, url):
         with (
             httpx.Client(base_url=url, timeout=60) as client,
             httpx.Client(base_url=url, timeout=10) as monitor,
@@ -198,10 +208,6 @@ def test_sigterm_drains_and_exits(checkpoint_path, photos):
             assert not in_flight.done(), "the slow request ended before the checks above"
             assert in_flight.result().status_code == 200
         output = finish(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
     assert_shutting_down_error(rejected)
     assert "shutting down" in rejected.json()["message"]
@@ -221,8 +227,7 @@ def test_upload_in_progress_finishes_during_drain(checkpoint_path, photos):
         "POST /predict?tasks=semseg HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
         f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    process, url = start_service(checkpoint_path)
-    try:
+    with running_service(checkpoint_path) as (process, url):
         with httpx.Client(base_url=url, timeout=60) as client:
             wait_until_ready(process, client)
         host, port = url.removeprefix("http://").split(":")
@@ -236,18 +241,13 @@ def test_upload_in_progress_finishes_during_drain(checkpoint_path, photos):
             while chunk := connection.recv(65536):
                 response += chunk
         output = finish(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
     assert response.startswith(b"HTTP/1.1 200"), response[:300]
     assert process.returncode in (0, -signal.SIGTERM), output
 
 
 def test_drain_timeout_answers_json_503(checkpoint_path):
-    process, url = start_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="0.2")
-    try:
+    with running_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="0.2") as (process, url):
         with (
             httpx.Client(base_url=url, timeout=60) as client,
             httpx.Client(base_url=url, timeout=10) as monitor,
@@ -258,10 +258,6 @@ def test_drain_timeout_answers_json_503(checkpoint_path):
             process.send_signal(signal.SIGTERM)
             unfinished = in_flight.result()
         output = finish(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
     assert_shutting_down_error(unfinished)
     assert "shut down before this request finished" in unfinished.json()["message"]
@@ -274,10 +270,9 @@ def test_drain_timeout_answers_json_503(checkpoint_path):
 
 def test_drain_timeout_fails_queued_request_quietly(checkpoint_path, photos):
     # A long batch wait keeps the request queued until the drain's deadline.
-    process, url = start_service(
+    with running_service(
         checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="0.3", ADAMTL_MAX_BATCH_WAIT_MS="5000"
-    )
-    try:
+    ) as (process, url):
         with (
             httpx.Client(base_url=url, timeout=60) as client,
             httpx.Client(base_url=url, timeout=10) as monitor,
@@ -288,10 +283,6 @@ def test_drain_timeout_fails_queued_request_quietly(checkpoint_path, photos):
             process.send_signal(signal.SIGTERM)
             unfinished = in_flight.result()
         output = finish(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
     assert_shutting_down_error(unfinished)
     assert process.returncode in (0, -signal.SIGTERM), output
@@ -300,16 +291,11 @@ def test_drain_timeout_fails_queued_request_quietly(checkpoint_path, photos):
 
 
 def test_sigint_exits_without_traceback(checkpoint_path):
-    process, url = start_service(checkpoint_path)
-    try:
+    with running_service(checkpoint_path) as (process, url):
         with httpx.Client(base_url=url, timeout=10) as client:
             wait_until_ready(process, client)
             process.send_signal(signal.SIGINT)
             output = finish(process, timeout_s=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
     assert process.returncode == 0, output
     assert "shutdown complete" in output
@@ -317,8 +303,7 @@ def test_sigint_exits_without_traceback(checkpoint_path):
 
 
 def test_idle_sigterm_exits_quickly(checkpoint_path):
-    process, url = start_service(checkpoint_path)
-    try:
+    with running_service(checkpoint_path) as (process, url):
         # The idle keep-alive connection of this client must not hold the shutdown up.
         with httpx.Client(base_url=url, timeout=10) as client:
             wait_until_ready(process, client)
@@ -326,10 +311,6 @@ def test_idle_sigterm_exits_quickly(checkpoint_path):
             process.send_signal(signal.SIGTERM)
             output = finish(process, timeout_s=30)
             exit_s = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
     assert process.returncode in (0, -signal.SIGTERM), output
     assert exit_s < 2.0, output
@@ -337,8 +318,7 @@ def test_idle_sigterm_exits_quickly(checkpoint_path):
 
 
 def test_second_sigterm_ends_drain(checkpoint_path):
-    process, url = start_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="120")
-    try:
+    with running_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="120") as (process, url):
         with (
             httpx.Client(base_url=url, timeout=60) as client,
             httpx.Client(base_url=url, timeout=10) as monitor,
@@ -353,10 +333,6 @@ def test_second_sigterm_ends_drain(checkpoint_path):
             unfinished = in_flight.result()
             output = finish(process)
             exit_s = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
     assert_shutting_down_error(unfinished)
     assert process.returncode in (0, -signal.SIGTERM), output
