@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.batching import Batcher
 from service.deps import RETRY_AFTER_S, InFlightRequest, PredictJob, ServiceState
 from service.errors import error_response, install_error_handlers
+from service.memory import MemoryTrimmer, load_malloc_trim
 from service.metrics import UNMATCHED_ENDPOINT, ServiceMetrics
 from service.routes import router
 from service.settings import Settings, missing_checkpoint_message
@@ -186,6 +187,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     if settings.warmup:
         await batcher.run_in_worker(lambda: _warm_up(predictor, settings.max_batch_size))
+    if settings.malloc_trim_interval_s > 0:
+        state.trimmer = MemoryTrimmer(settings.malloc_trim_interval_s, load_malloc_trim())
+        if not state.trimmer.available:
+            logger.info("this C library has no malloc_trim, so freed memory is not trimmed")
+        state.trimmer.start()
     state.ready = True
     logger.info(
         "serving model %s version %s (preset %s, tasks %s, input %d px, static %.4g MACs per "
@@ -208,6 +214,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Under `python -m service` the signal handler has drained already, and this returns
         # at once. Without it (tests, other ASGI servers) this is the only drain.
         await state.drain(settings.drain_timeout_s)
+        if state.trimmer is not None:
+            await state.trimmer.stop()
         state.png_helper.shutdown(wait=False, cancel_futures=True)
         logger.info("shutdown complete")
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from model_core.predictor import HeadOutputs, Predictor
     from service.batching import Batcher
+    from service.memory import MemoryTrimmer
     from service.metrics import ServiceMetrics
 
 logger = logging.getLogger("service")
@@ -74,6 +75,8 @@ class ServiceState:
     # One extra thread that compresses the second half of large output maps when it is idle
     # (see imaging.png_bytes).
     png_helper: ThreadPoolExecutor | None = None
+    # Periodic malloc_trim caller, or None when ADAMTL_MALLOC_TRIM_INTERVAL_S is 0.
+    trimmer: MemoryTrimmer | None = None
     ready: bool = False
     draining: bool = False
     # HTTP requests that the app is processing, added and removed by RequestObserver.

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.memory import MIN_INTERVAL_S
 
 DEFAULT_CHECKPOINT = Path("checkpoints/demo.safetensors")
 
@@ -34,6 +36,16 @@ class Settings(BaseSettings):
         le=256,
         description="Threads that decode uploads and encode output PNGs; unset uses one per CPU "
         "this process may use.",
+    )
+
+    malloc_trim_interval_s: float = Field(
+        10.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="Seconds between calls of glibc's malloc_trim, which returns freed heap "
+        f"pages to the system. 0 turns it off, and other values must be at least "
+        f"{MIN_INTERVAL_S:g}.",
     )
 
     # HTTP server.
@@ -76,6 +88,16 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest accepted image area in pixels (40 megapixels)."
     )
+
+    @field_validator("malloc_trim_interval_s")
+    @classmethod
+    def _check_trim_interval(cls, value: float) -> float:
+        if 0 < value < MIN_INTERVAL_S:
+            raise ValueError(
+                f"use 0 to turn trimming off, or at least {MIN_INTERVAL_S:g} s: shorter "
+                "intervals keep a thread in malloc_trim most of the time"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_admission_covers_batch(self) -> Settings:
