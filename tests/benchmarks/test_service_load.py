@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks.model_latency import generated_images
+from benchmarks.service_load import trend_growth
 from model_core.calibration import calibrate
 from model_core.checkpoint import save_checkpoint
 from model_core.model import AdaMTL
@@ -31,6 +32,7 @@ ROW_FIELDS = {
     "rss_warm_mib",
     "rss_after_mib",
     "rss_growth_ratio",
+    "rss_trend_growth_ratio",
     "service_pid",
 }
 
@@ -91,6 +93,7 @@ def test_service_load_json_rows(tiny_checkpoint):
             assert row[key] > 0, key
         assert row["p99_ms"] >= row["p50_ms"]
         assert math.isfinite(row["rss_growth_ratio"])
+        assert math.isfinite(row["rss_trend_growth_ratio"])
         assert row["service_mean_batch"] >= 1
         assert row["service_batch_ms"] > 0
 
@@ -112,3 +115,26 @@ def test_service_load_rejects_zero_concurrency():
     result = run_benchmark(["--concurrency", "4", "0"])
     assert result.returncode == 2
     assert "--concurrency must be at least 1, got 0" in result.stderr
+
+
+def test_trend_growth_follows_drift_not_dips():
+    # A flat series with a dip every 10 samples, as a periodic malloc_trim gives, and the
+    # dip falling on the last reading: the two end points differ by 10 %, the trend is flat.
+    flat = [(0.25 * i, 1000 if i % 10 else 900) for i in range(1, 101)]
+    assert flat[-1][1] / flat[0][1] - 1 == pytest.approx(-0.1)
+    assert abs(trend_growth(flat)) < 0.01
+
+    rising = [(0.25 * i, 1000 + i) for i in range(101)]  # +10 % from first to last
+    assert trend_growth(rising) == pytest.approx(0.1)
+
+
+def test_trend_growth_uses_reading_times():
+    # Three readings close together at 1000, then one 10 s later at 1100. A line fitted over
+    # time rises 10.1 %, and one fitted over the readings' index only 9.2 %.
+    samples = [(0.0, 1000), (0.1, 1000), (0.2, 1000), (10.0, 1100)]
+    assert trend_growth(samples) == pytest.approx(0.1, abs=0.002)
+
+
+def test_trend_growth_of_too_few_samples():
+    assert trend_growth([]) == 0.0
+    assert trend_growth([(0.0, 1000)]) == 0.0
