@@ -60,7 +60,7 @@ class MemoryTrimmer:
         self.interval_s = interval_s
         self._trim = trim
         self._task: asyncio.Task[None] | None = None
-        self._in_progress: asyncio.Future[bool] | None = None
+        self._in_progress: asyncio.Future[int] | None = None
         self.trims = 0
         self.last_duration_s = 0.0
 
@@ -74,20 +74,22 @@ class MemoryTrimmer:
         """Whether the trimming task is scheduled and has not ended."""
         return self._task is not None and not self._task.done()
 
-    def trim_now(self) -> bool:
-        """Trim once on the calling thread and return whether memory went back to the system."""
+    def trim_now(self) -> int:
+        """Trim once on the calling thread and return malloc_trim's result (0 without it).
+
+        glibc returns 1 whenever it advised the kernel to drop free pages, also pages that an
+        earlier trim dropped already, so 1 does not mean that resident memory fell.
+        """
         if self._trim is None:
-            return False
+            return 0
         started = time.perf_counter()
-        released = bool(self._trim(0))
+        result = self._trim(0)
         self.last_duration_s = time.perf_counter() - started
         self.trims += 1
         logger.debug(
-            "malloc_trim took %.1f ms and %s memory",
-            1000 * self.last_duration_s,
-            "released" if released else "released no",
+            "malloc_trim(0) took %.1f ms and returned %d", 1000 * self.last_duration_s, result
         )
-        return released
+        return result
 
     def start(self) -> None:
         """Start trimming in the running event loop. Does nothing without `malloc_trim`."""

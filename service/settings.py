@@ -40,7 +40,6 @@ class Settings(BaseSettings):
 
     malloc_trim_interval_s: float = Field(
         10.0,
-        ge=0,
         le=86_400,
         allow_inf_nan=False,
         description="Seconds between calls of glibc's malloc_trim, which returns freed heap "
@@ -92,9 +91,9 @@ class Settings(BaseSettings):
     @field_validator("malloc_trim_interval_s")
     @classmethod
     def _check_trim_interval(cls, value: float) -> float:
-        if 0 < value < MIN_INTERVAL_S:
+        if value != 0 and value < MIN_INTERVAL_S:
             raise ValueError(
-                f"use 0 to turn trimming off, or at least {MIN_INTERVAL_S:g} s: shorter "
+                f"must be 0 (trimming off) or at least {MIN_INTERVAL_S:g} s, because shorter "
                 "intervals keep a thread in malloc_trim most of the time"
             )
         return value
