@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Debug level is for the service's own lines. Pillow logs every PNG chunk it reads and
+    # asyncio its event loop at debug level, which would bury them.
+    for library in ("PIL", "asyncio"):
+        logging.getLogger(library).setLevel(max(logging.INFO, logging.getLogger().level))
     import uvicorn
 
     from service.app import StartupError, create_app, load_predictor

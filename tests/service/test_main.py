@@ -302,6 +302,25 @@ def test_sigint_exits_without_traceback(checkpoint_path):
     assert "KeyboardInterrupt" not in output
 
 
+def test_debug_log_keeps_library_lines_out(checkpoint_path, photos):
+    with running_service(
+        checkpoint_path, ADAMTL_LOG_LEVEL="debug", ADAMTL_MALLOC_TRIM_INTERVAL_S="1"
+    ) as (process, url):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_until_ready(process, client)
+            image = photos["chelsea.png"]
+            response = client.post("/predict", files={"image": ("chelsea.png", image)})
+            time.sleep(1.5)  # at least one trim
+            process.send_signal(signal.SIGTERM)
+            output = finish(process, timeout_s=30)
+
+    assert response.status_code == 200, response.text
+    assert "DEBUG service.memory: malloc_trim(0) took" in output
+    # Pillow logs each PNG chunk it reads at debug level, and asyncio its selector.
+    assert "DEBUG PIL" not in output
+    assert "DEBUG asyncio" not in output
+
+
 def test_idle_sigterm_exits_quickly(checkpoint_path):
     with running_service(checkpoint_path) as (process, url):
         # The idle keep-alive connection of this client must not hold the shutdown up.
