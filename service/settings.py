@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         le=86_400,
         allow_inf_nan=False,
         description="Seconds between calls of glibc's malloc_trim, which returns freed heap "
-        f"pages to the system. 0 turns it off, and other values must be at least "
+        "pages to the system. 0 turns it off, and other values must be at least "
         f"{MIN_INTERVAL_S:g}.",
     )
 
