@@ -14,12 +14,15 @@ with the gradient passed straight through the clamp so every task's gate receive
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 __all__ = [
+    "BUDGET_SPLITS",
+    "BudgetSplit",
     "StageDecision",
     "StagePolicy",
     "budget_targets",
@@ -28,15 +31,64 @@ __all__ = [
 ]
 
 
-def budget_targets(budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a FLOPs budget into (block keep ratio, token keep ratio) training targets.
+@dataclass(frozen=True)
+class BudgetSplit:
+    """How a FLOPs budget becomes block and token keep targets for co-training.
 
-    The encoder's cost scales with blocks kept times tokens kept, so the two targets multiply
-    to the budget; tokens take the larger share of the cut (budget 0.5 gives 0.81 of blocks
-    and 0.62 of tokens). Budget 1 gives 1 for both.
+    In stage s the block target is budget ** block_shares[s] and the token target is
+    budget ** (1 - block_shares[s]), so the two multiply to the budget in every stage.
+
+    Attributes:
+        block_shares: per stage, the share of the cut (in log terms) taken by skipping whole
+            blocks; the rest is taken by skipping tokens.
+        per_stage_blocks: compare each stage's fraction of executed blocks with that stage's
+            target; when False, all blocks are compared with one target, as in AdaMTL.
+        width_weights: weigh each block's token gap by its stage's embedding width, as in
+            AdaMTL; when False, every block's gap weighs the same.
     """
-    budget = budget.clamp(0.0, 1.0)
-    return budget.pow(0.3), budget.pow(0.7)
+
+    block_shares: tuple[float, ...]
+    per_stage_blocks: bool
+    width_weights: bool
+
+
+BUDGET_SPLITS: dict[str, BudgetSplit] = {
+    # AdaMTL's split: the same in every stage, tokens taking the larger share of the cut
+    # (budget 0.5 gives 0.81 of blocks and 0.62 of tokens).
+    "uniform": BudgetSplit((0.3, 0.3, 0.3, 0.3), per_stage_blocks=False, width_weights=True),
+    # Cut where a CPU saves time at batch 1. A first-stage block's time falls with its kept
+    # tokens, so that stage skips only tokens. A deeper block's time hardly falls with fewer
+    # tokens (its matrix products have a few dozen rows), so those stages skip mostly whole
+    # blocks (docs/benchmarks.md, block scaling).
+    "latency": BudgetSplit((0.0, 0.5, 0.8, 0.8), per_stage_blocks=True, width_weights=False),
+}
+
+
+def budget_targets(
+    budget: float | torch.Tensor, depths: Sequence[int], split: str = "uniform"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a FLOPs budget into per-block (block keep, token keep) training targets.
+
+    Args:
+        budget: requested budget; clamped to [0, 1].
+        depths: blocks per stage.
+        split: a key of `BUDGET_SPLITS`.
+
+    Returns:
+        Two (K,) tensors, K = sum(depths): each block's target probability of running and
+        target fraction of kept tokens. Budget 1 gives ones.
+    """
+    if split not in BUDGET_SPLITS:
+        raise ValueError(f"unknown budget split {split!r}: use one of {sorted(BUDGET_SPLITS)}")
+    shares = BUDGET_SPLITS[split].block_shares
+    if len(depths) != len(shares):
+        raise ValueError(
+            f"budget split {split!r} has {len(shares)} stages, the model {len(depths)} "
+            f"(depths {list(depths)})"
+        )
+    budget = torch.as_tensor(budget, dtype=torch.float32).clamp(0.0, 1.0)
+    share = torch.tensor(shares, dtype=torch.float32).repeat_interleave(torch.tensor(depths))
+    return budget.pow(share), budget.pow(1.0 - share)
 
 
 def gumbel_sigmoid_gate(

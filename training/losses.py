@@ -304,32 +304,39 @@ def distillation_loss(
 def efficiency_loss(
     block_keep: Tensor,
     token_ratio: Tensor,
-    block_widths: Sequence[int] | Tensor,
+    token_weights: Sequence[float] | Tensor,
     block_target: float | Tensor,
     token_target: float | Tensor,
     batch_mean: bool = False,
+    block_groups: Sequence[int] | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """AdaMTL's compute-budget loss, L_eff = L_blocks + L_tokens.
 
-    L_blocks is the squared difference between the fraction of executed blocks and
-    `block_target`, averaged over the batch. L_tokens is the squared difference between
-    w_k * token_ratio[:, k] and w_k * token_target, averaged over blocks and the batch, with
-    w_k = block_widths[k] / min(block_widths). The AdaMTL paper weighs each block by its
-    stage's embedding width, so that the fewer but wider tokens of deep stages, which cost
-    more, count more. Dividing by the smallest width (the first stage's) keeps w_k at 1, 2, 4
-    and 8 for Swin, so the loss stays of order 1 whatever the embedding width.
+    L_blocks is the squared difference between the fraction of executed blocks and its
+    target, averaged over the batch; with `block_groups`, the fraction and the target are
+    taken per group of blocks (a stage, say) and the squares averaged over the groups.
+    L_tokens is the squared difference between w_k * token_ratio[:, k] and w_k * token_target,
+    averaged over blocks and the batch, with w_k = token_weights[k] / min(token_weights).
+    The AdaMTL paper weighs each block by its stage's embedding width, so that the fewer but
+    wider tokens of deep stages, which cost more, count more. Dividing by the smallest width
+    (the first stage's) keeps w_k at 1, 2, 4 and 8 for Swin, so the loss stays of order 1
+    whatever the embedding width.
 
     Args:
         block_keep: (B, K) execution mask in [0, 1], 1 = block executed; straight-through
             values during training, so gradients reach the block policy.
         token_ratio: (B, K) fraction of tokens each block kept. The caller decides what a
             skipped block reports (0 counts its tokens as saved).
-        block_widths: (K,) embedding width of each block's stage.
-        block_target: Target fraction of executed blocks in [0, 1]; a float or (B,).
-        token_target: Target fraction of kept tokens in [0, 1]; a float or (B,).
+        token_weights: (K,) positive weight of each block's token gap, such as its stage's
+            embedding width.
+        block_target: Target probability of running each block in [0, 1]: a float, (B,), or
+            (B, K) for a target per block.
+        token_target: Target fraction of kept tokens in [0, 1]: a float, (B,), or (B, K).
         batch_mean: compare the batch means of the ratios with the mean targets instead of
             each image's ratios with its targets. Images may then spend more or less than the
             target, by content, as long as the batch meets it on average.
+        block_groups: (K,) group index of each block, numbered from 0; None puts all blocks
+            in one group.
 
     Returns:
         (loss, {"blocks": L_blocks, "tokens": L_tokens}), all scalars.
@@ -340,38 +347,62 @@ def efficiency_loss(
             "must both be (batch, blocks)"
         )
     batch_size, num_blocks = block_keep.shape
-    widths = torch.as_tensor(block_widths, dtype=block_keep.dtype, device=block_keep.device)
-    if widths.shape != (num_blocks,) or bool((widths <= 0).any()):
+    weights = torch.as_tensor(token_weights, dtype=block_keep.dtype, device=block_keep.device)
+    if weights.shape != (num_blocks,) or bool((weights <= 0).any()):
         raise ValueError(
-            f"block_widths {widths.tolist()} must contain one positive width per block "
+            f"token_weights {weights.tolist()} must contain one positive weight per block "
             f"({num_blocks} blocks)"
         )
-    block_target = _per_sample_target(block_target, "block_target", batch_size, block_keep)
-    token_target = _per_sample_target(token_target, "token_target", batch_size, block_keep)
+    block_target = _per_sample_target(block_target, "block_target", block_keep)
+    token_target = _per_sample_target(token_target, "token_target", block_keep)
+    groups = _group_means(block_groups, num_blocks, block_keep)  # (K, G)
 
-    weights = (widths / widths.min()).unsqueeze(0)  # (1, K)
+    weights = (weights / weights.min()).unsqueeze(0)  # (1, K)
+    kept_blocks, target_blocks = block_keep @ groups, block_target @ groups  # (B, G)
     if batch_mean:
-        blocks = (block_keep.mean() - block_target.mean()).square()
-        token_gap = weights[0] * (token_ratio.mean(dim=0) - token_target.mean())  # (K,)
+        blocks = (kept_blocks.mean(dim=0) - target_blocks.mean(dim=0)).square().mean()
+        token_gap = weights[0] * (token_ratio.mean(dim=0) - token_target.mean(dim=0))  # (K,)
         tokens = token_gap.square().mean()
         return blocks + tokens, {"blocks": blocks, "tokens": tokens}
 
-    blocks = F.mse_loss(block_keep.mean(dim=1), block_target)
-    tokens = F.mse_loss(
-        weights * token_ratio, weights * token_target.unsqueeze(1).expand_as(token_ratio)
-    )
+    blocks = F.mse_loss(kept_blocks, target_blocks)
+    tokens = F.mse_loss(weights * token_ratio, weights * token_target)
     return blocks + tokens, {"blocks": blocks, "tokens": tokens}
 
 
-def _per_sample_target(value: float | Tensor, name: str, batch_size: int, like: Tensor) -> Tensor:
-    """Broadcast a float or (B,) target to a (B,) tensor and check that it is in [0, 1]."""
-    target = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if target.ndim == 0:
-        target = target.expand(batch_size)
-    if target.shape != (batch_size,):
+def _group_means(groups: Sequence[int] | Tensor | None, num_blocks: int, like: Tensor) -> Tensor:
+    """Return the (K, G) matrix that averages the blocks of each group."""
+    if groups is None:
+        return torch.full((num_blocks, 1), 1.0 / num_blocks, dtype=like.dtype, device=like.device)
+    index = torch.as_tensor(groups, device=like.device)
+    count = int(index.max()) + 1 if index.numel() else 0
+    if (
+        index.shape != (num_blocks,)
+        or index.is_floating_point()
+        or bool((index < 0).any())
+        or set(index.tolist()) != set(range(count))
+    ):
         raise ValueError(
-            f"{name} must be a float or a ({batch_size},) tensor, got {tuple(target.shape)}"
+            f"block_groups {index.tolist()} must give each of the {num_blocks} blocks a group "
+            "index, with groups numbered 0, 1, ... and none empty"
         )
+    one_hot = F.one_hot(index, count).to(like.dtype)  # (K, G)
+    return one_hot / one_hot.sum(dim=0, keepdim=True)
+
+
+def _per_sample_target(value: float | Tensor, name: str, like: Tensor) -> Tensor:
+    """Broadcast a float, (B,) or (B, K) target to the (B, K) shape of `like` and check that
+    it is in [0, 1]."""
+    batch_size, num_blocks = like.shape
+    target = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if target.ndim == 1 and target.shape == (batch_size,):
+        target = target.unsqueeze(1)
+    if target.ndim > 0 and target.shape not in ((batch_size, 1), (batch_size, num_blocks)):
+        raise ValueError(
+            f"{name} must be a float, a ({batch_size},) or a ({batch_size}, {num_blocks}) "
+            f"tensor, got {tuple(torch.as_tensor(value).shape)}"
+        )
+    target = target.expand(batch_size, num_blocks)
     if bool(((target < 0) | (target > 1)).any()):
         raise ValueError(f"{name} {target.tolist()} out of range: targets must be in [0, 1]")
     return target

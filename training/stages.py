@@ -41,7 +41,7 @@ from model_core.calibration import all_task_subsets, calibrate, default_budget_g
 from model_core.checkpoint import load_checkpoint, save_checkpoint
 from model_core.encoder import load_backbone_weights
 from model_core.model import AdaMTL
-from model_core.policy import budget_targets
+from model_core.policy import BUDGET_SPLITS, budget_targets
 from model_core.predictor import Predictor
 from model_core.presets import IGNORE_INDEX, ModelConfig, get_preset
 from training.datasets.common import collate_samples
@@ -320,20 +320,40 @@ def hash_seed(*parts: int) -> int:
 
 def draw_budget(
     args: argparse.Namespace, config: ModelConfig, generator: torch.Generator
-) -> tuple[float, float, float]:
-    """Return (budget passed to the model, block target, token target) for one batch.
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Return (budget passed to the model, block targets, token targets) for one batch.
 
-    Without --setting the budget is uniform in [min_budget, 1) and the targets follow from
-    `budget_targets`. With --setting H or L the targets are fixed and the model receives
-    their product, the FLOPs ratio they imply, clamped to [min_budget, 0.99].
+    The targets are (K,) tensors, one per block. Without --setting the budget is uniform in
+    [min_budget, 1) and the targets follow from `budget_targets` with --budget-split. With
+    --setting H or L the targets are fixed and the same for every block, and the model
+    receives their product, the FLOPs ratio they imply, clamped to [min_budget, 0.99].
     """
     if args.setting is not None:
         block_target, token_target = FIXED_SETTINGS[args.setting]
         budget = min(max(block_target * token_target, config.min_budget), 0.99)
-        return budget, block_target, token_target
+        blocks = sum(config.depths)
+        return budget, torch.full((blocks,), block_target), torch.full((blocks,), token_target)
     budget = sample_budget(config, generator, args.budget_sampling)
-    block_target, token_target = budget_targets(torch.tensor(budget))
-    return budget, float(block_target), float(token_target)
+    block_targets, token_targets = budget_targets(budget, config.depths, args.budget_split)
+    return budget, block_targets, token_targets
+
+
+def efficiency_terms(
+    args: argparse.Namespace, model: AdaMTL
+) -> tuple[list[float], list[int] | None]:
+    """Return the token weights and block groups of the efficiency loss for --budget-split.
+
+    AdaMTL's split weighs each block's token gap by its stage's width and compares all
+    blocks with one target. The latency split weighs every block the same. It compares each
+    stage's blocks with that stage's target. --setting always uses AdaMTL's.
+    """
+    widths = [float(cost["dim"]) for cost in model._static_costs["blocks"]]
+    split = BUDGET_SPLITS["uniform" if args.setting is not None else args.budget_split]
+    weights = widths if split.width_weights else [1.0] * len(widths)
+    groups = None
+    if split.per_stage_blocks:
+        groups = [stage for stage, depth in enumerate(model.config.depths) for _ in range(depth)]
+    return weights, groups
 
 
 def sample_budget(
@@ -385,9 +405,11 @@ def policy_init_loss(config: ModelConfig, budget_rng: torch.Generator, noise: to
     return compute
 
 
-def cotrain_loss(args, config, criterion, tasks, widths, budget_rng, noise, teacher=None):
+def cotrain_loss(args, config, criterion, tasks, efficiency, budget_rng, noise, teacher=None):
     """Task loss + alpha * efficiency loss, plus args.distill * the distillation loss towards
-    `teacher`'s maps when a teacher is given."""
+    `teacher`'s maps when a teacher is given. `efficiency` is the (token weights, block
+    groups) pair of `efficiency_terms`."""
+    token_weights, block_groups = efficiency
 
     def compute(model: nn.Module, batch: dict[str, Any]) -> StepResult:
         budget, block_target, token_target = draw_budget(args, config, budget_rng)
@@ -402,17 +424,19 @@ def cotrain_loss(args, config, criterion, tasks, widths, budget_rng, noise, teac
             task_total = task_total + args.distill * distill_total
             losses = {**losses, **{f"distill_{t}": v for t, v in distill_terms.items()}}
         stats = output.stats
-        efficiency, _ = efficiency_loss(
+        batch_size = stats.block_keep.shape[0]
+        efficiency_value, _ = efficiency_loss(
             stats.block_keep,
             stats.token_keep,
-            widths,
-            block_target,
-            token_target,
+            token_weights,
+            block_target.expand(batch_size, -1),
+            token_target.expand(batch_size, -1),
             batch_mean=not args.per_image_efficiency,
+            block_groups=block_groups,
         )
         return StepResult(
-            loss=task_total + args.alpha * efficiency,
-            terms={**losses, "efficiency": efficiency},
+            loss=task_total + args.alpha * efficiency_value,
+            terms={**losses, "efficiency": efficiency_value},
             stats={
                 "budget": budget,
                 "flops_ratio": float(stats.flops_ratio.mean()),
@@ -491,7 +515,7 @@ def prepare_epoch(
     budget_rng = _budget_generator(args, epoch, context.rank)
     noise = _model_noise(args, epoch, context.rank, context.device)
     tasks = list(model.config.tasks)
-    widths = [cost["dim"] for cost in model._static_costs["blocks"]]
+    efficiency = efficiency_terms(args, model)
     model.train()
     if args.stage == "static":
         _set_trainable(model, True)
@@ -511,7 +535,7 @@ def prepare_epoch(
             model.config,
             MultiTaskLoss(tasks, class_weights=class_weights),
             None,
-            widths,
+            efficiency,
             budget_rng,
             noise,
             teacher,
@@ -529,7 +553,7 @@ def prepare_epoch(
         model.config,
         MultiTaskLoss(focus_tasks, class_weights=class_weights),
         focus_tasks,
-        widths,
+        efficiency,
         budget_rng,
         noise,
         teacher,
@@ -627,6 +651,7 @@ def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[st
             "alpha": args.alpha,
             "distill": args.distill,
             "budget_sampling": args.budget_sampling,
+            "budget_split": args.budget_split,
             "class_weights": args.class_weights,
             "setting": args.setting,
             "policy_mode": args.policy_mode,

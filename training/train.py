@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from model_core.policy import BUDGET_SPLITS
 from model_core.presets import preset_names
 from training.engine import setup_distributed
 from training.stages import FIXED_SETTINGS, STAGES, run_stage
@@ -123,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how co-training draws each batch's budget from [min_budget, 1): uniformly, as in "
         "AdaMTL, or 'low': min_budget + (1 - min_budget) * u^2, half of them in the lowest "
         "quarter",
+    )
+    budget.add_argument(
+        "--budget-split",
+        choices=sorted(BUDGET_SPLITS),
+        default="uniform",
+        help="how co-training splits each budget into block and token targets: 'uniform', "
+        "AdaMTL's split, the same in every stage; 'latency': the first stage skips tokens and "
+        "the deeper stages mostly whole blocks, where a CPU saves the most time at batch 1",
     )
     budget.add_argument(
         "--setting",

@@ -271,9 +271,40 @@ def test_efficiency_loss_gradient() -> None:
     assert float(token_ratio.grad[0, 0]) == pytest.approx(0.0)
 
 
+def test_efficiency_loss_block_groups() -> None:
+    # Two stages of two blocks. The batch runs 3 of 4 blocks of stage 0 and 1 of 4 of stage 1.
+    block_keep = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    token_ratio = torch.ones(2, 4)
+    targets = torch.tensor([[1.0, 1.0, 0.5, 0.5]]).expand(2, 4)
+    loss, parts = efficiency_loss(
+        block_keep, token_ratio, (1, 1, 1, 1), targets, 1.0, True, block_groups=(0, 0, 1, 1)
+    )
+    # Gaps: 0.75 - 1 and 0.25 - 0.5, squared and averaged over the two groups.
+    _close(parts["blocks"], (0.25**2 + 0.25**2) / 2)
+    _close(parts["tokens"], 0.0)
+    # Within a group the blocks may trade: running the other block of stage 1 costs nothing.
+    swapped = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    same, _ = efficiency_loss(swapped, token_ratio, (1, 1, 1, 1), targets, 1.0, True, (0, 0, 1, 1))
+    _close(same, float(loss))
+    # Without groups the batch's 4 of 8 blocks are compared with the mean target 0.75.
+    _, one_group = efficiency_loss(block_keep, token_ratio, (1, 1, 1, 1), targets, 1.0, True)
+    _close(one_group["blocks"], 0.25**2)
+
+
+def test_efficiency_loss_per_block_token_targets() -> None:
+    block_keep = torch.ones(1, 4)
+    token_ratio = torch.tensor([[0.4, 0.4, 1.0, 1.0]])
+    targets = torch.tensor([[0.4, 0.4, 1.0, 1.0]])
+    loss, _ = efficiency_loss(block_keep, token_ratio, (1, 1, 1, 1), 1.0, targets)
+    _close(loss, 0.0)
+    # Equal weights: each block's gap counts the same, whatever its stage's width.
+    _, parts = efficiency_loss(block_keep, torch.ones(1, 4), (1, 1, 1, 1), 1.0, targets)
+    _close(parts["tokens"], (0.6**2 + 0.6**2) / 4)
+
+
 def test_efficiency_loss_invalid_arguments() -> None:
     keep = torch.ones(2, 4)
-    with pytest.raises(ValueError, match="one positive width per block"):
+    with pytest.raises(ValueError, match="one positive weight per block"):
         efficiency_loss(keep, keep, (96, 192), 0.5, 0.5)
     with pytest.raises(ValueError, match="must both be"):
         efficiency_loss(keep, torch.ones(2, 3), WIDTHS, 0.5, 0.5)
@@ -281,6 +312,12 @@ def test_efficiency_loss_invalid_arguments() -> None:
         efficiency_loss(keep, keep, WIDTHS, 1.5, 0.5)
     with pytest.raises(ValueError, match="token_target"):
         efficiency_loss(keep, keep, WIDTHS, 0.5, torch.tensor([0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="block_target"):
+        efficiency_loss(keep, keep, WIDTHS, torch.full((2, 3), 0.5), 0.5)
+    with pytest.raises(ValueError, match="block_groups"):
+        efficiency_loss(keep, keep, WIDTHS, 0.5, 0.5, block_groups=(0, 0, 2, 2))
+    with pytest.raises(ValueError, match="block_groups"):
+        efficiency_loss(keep, keep, WIDTHS, 0.5, 0.5, block_groups=(0, 1))
 
 
 # Distillation towards the static model's maps.

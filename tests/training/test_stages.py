@@ -23,6 +23,8 @@ from training.losses import DEFAULT_TASK_WEIGHTS
 from training.stages import (
     FrozenPolicySlices,
     build_optimizer,
+    draw_budget,
+    efficiency_terms,
     label_class_weights,
     prepare_epoch,
     sample_budget,
@@ -278,6 +280,58 @@ def test_efficiency_loss_lowers_flops(data_root, batch, tmp_path):
     assert all(r["budget"] == pytest.approx(0.3) for r in records)
     assert trained.calibration is not None
     assert trained.calibration["budgets"] == pytest.approx([0.3, 0.6, 0.9])
+
+
+def test_latency_split_targets_and_loss_terms(data_root, tmp_path):
+    model, _ = load_checkpoint(fresh_checkpoint(tmp_path / "init.safetensors"))
+    depths = model.config.depths
+    stage_of_block = [stage for stage, depth in enumerate(depths) for _ in range(depth)]
+    latency = parse(data_root, tmp_path, "--stage", "cotrain", "--budget-split", "latency")
+    budget, blocks, tokens = draw_budget(latency, model.config, torch.Generator().manual_seed(3))
+    assert model.config.min_budget <= budget < 1.0
+    # Every block's two targets multiply to the budget; the first stage keeps all its blocks
+    # and cuts tokens, the last cuts blocks more than tokens.
+    torch.testing.assert_close(blocks * tokens, torch.full_like(blocks, budget))
+    assert blocks[0] == 1.0
+    assert tokens[0] == pytest.approx(budget)
+    assert blocks[-1] < tokens[-1]
+    weights, groups = efficiency_terms(latency, model)
+    assert weights == [1.0] * sum(depths)
+    assert groups == stage_of_block
+
+    uniform = parse(data_root, tmp_path, "--stage", "cotrain")
+    budget, blocks, tokens = draw_budget(uniform, model.config, torch.Generator().manual_seed(3))
+    assert torch.allclose(blocks, blocks[0])
+    assert torch.allclose(tokens, tokens[0])
+    weights, groups = efficiency_terms(uniform, model)
+    widths = [float(model.config.embed_dim * 2**stage) for stage in stage_of_block]
+    assert weights == widths
+    assert groups is None
+
+
+def test_latency_split_moves_the_cut(data_root, batch, tmp_path):
+    """Trained with the latency split, the first stage cuts tokens and the last cuts blocks."""
+    init = fresh_checkpoint(tmp_path / "init.safetensors")
+    args = parse(
+        data_root, tmp_path, "--stage", "cotrain", "--init", str(init), "--budget-split",
+        "latency", "--att-epochs", "0", "--finetune-epochs", "3", "--steps-per-epoch", "6",
+        "--policy-lr", "0.05", "--alpha", "5", "--budget-sampling", "low",
+        "--calibration-step", "0.35", "--calibration-tolerance", "0.05",
+    )  # fmt: skip
+    trained, _ = load_checkpoint(main(args))
+    # The policy's own split, without the calibrated offset, through the training gates.
+    trained.calibration = None
+    trained.train()
+    with torch.no_grad():
+        stats = trained(
+            batch["image"], 0.4, generator=torch.Generator().manual_seed(5), compute_outputs=False
+        ).stats
+    blocks = stats.block_keep.mean(dim=0)
+    tokens = stats.token_keep.mean(dim=0)
+    first, last = slice(0, 2), slice(-2, None)
+    assert float(blocks[first].min()) > 0.9, blocks
+    assert float(blocks[first].mean()) > float(blocks[last].mean()), blocks
+    assert float(tokens[first].mean()) < float(tokens[last].mean()), tokens
 
 
 def test_cotrain_distils_the_static_model(data_root, batch, tmp_path):
