@@ -42,10 +42,11 @@ from training.engine import EvaluationResult, evaluate, git_commit
 from training.metrics import delta_m
 from training.stages import eval_loader, stack_images
 
-__all__ = ["build_parser", "main", "search_random_keep"]
+__all__ = ["build_parser", "main", "repo_relative", "search_random_keep"]
 
 logger = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parents[1]
 TRACKING_BUDGETS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 ADAPTIVITY_BUDGET = 0.6
 
@@ -261,6 +262,18 @@ def _stage_chain(path: Path) -> dict[str, dict]:
     return chain
 
 
+def repo_relative(text: str | None, root: Path = REPO) -> str | None:
+    """Write the paths inside the repository `root` in `text` relative to it.
+
+    The exported checkpoint is shipped, so its provenance names the run's data and stage
+    checkpoints as `runs/...` rather than by the training machine's absolute paths. Paths
+    outside the repository stay as they are.
+    """
+    if text is None:
+        return None
+    return text.replace(f"{root.resolve()}{os.sep}", "")
+
+
 def export_provenance(args: argparse.Namespace, metadata: dict) -> dict[str, Any]:
     provenance = metadata.get("provenance", {})
     chain = _stage_chain(args.adaptive)
@@ -269,11 +282,13 @@ def export_provenance(args: argparse.Namespace, metadata: dict) -> dict[str, Any
         or " ".join(["python", "-m", "training.evaluate", *sys.argv[1:]]),
         "preset": provenance.get("preset") or metadata.get("config", {}).get("name"),
         "seed": provenance.get("seed"),
-        "dataset": provenance.get("dataset"),
+        "dataset": repo_relative(provenance.get("dataset")),
         "git_commit": git_commit(),
         "training_git_commit": provenance.get("git_commit"),
         "schedule": {stage: info.get("schedule") for stage, info in chain.items()},
-        "stage_commands": {stage: info.get("command") for stage, info in chain.items()},
+        "stage_commands": {
+            stage: repo_relative(info.get("command")) for stage, info in chain.items()
+        },
     }
 
 
