@@ -248,27 +248,42 @@ class Predictor:
     def postprocess(self, task: str, output: torch.Tensor, height: int, width: int) -> np.ndarray:
         """Turn one (C, h, w) head output into the task's map of size (height, width).
 
-        Saliency logits and normals are resized bilinearly, straight to the image's size. Class
-        logits are resized bilinearly to the model's input size and the argmax is taken there.
-        The labels then go to the image's size by nearest neighbour. A large image thus costs
-        one label map at its size, not one logit map per class. Safe to call from several
-        threads at once.
+        Returns a float32 (height, width) saliency probability, float32 (height, width, 3)
+        unit normals, or a uint8 (height, width) label map: `resize_output` as numpy arrays.
+        Safe to call from several threads at once.
+        """
+        resized = self.resize_output(task, output, height, width).cpu()
+        if task in ("saliency", "normals"):
+            return resized.numpy().astype(np.float32)
+        return resized.numpy()
+
+    @torch.no_grad()
+    def resize_output(
+        self, task: str, output: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        """Resize one (C, h, w) head output to the task's map of size (height, width), in torch.
+
+        Saliency logits and normals are resized bilinearly, straight to the image's size, and
+        give a (height, width) probability and a (height, width, 3) view of (3, height, width)
+        unit normals. Class logits are resized bilinearly to the model's input size and the
+        argmax is taken there. The labels then go to the image's size by nearest neighbour, a
+        (height, width) uint8 map. A large image thus costs one label map at its size, not one
+        logit map per class. Safe to call from several threads at once.
         """
         size = (height, width)
         if task == "saliency":
             logits = F.interpolate(output[None], size=size, mode="bilinear", align_corners=False)
-            return torch.sigmoid(logits)[0, 0].cpu().numpy().astype(np.float32)
+            return torch.sigmoid(logits)[0, 0]
         if task == "normals":
             normals = F.interpolate(output[None], size=size, mode="bilinear", align_corners=False)
-            normals = unit_vectors(normals, eps=1e-6)[0]
-            return normals.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+            return unit_vectors(normals, eps=1e-6)[0].permute(1, 2, 0)
         side = self.input_size
         logits = F.interpolate(
             output[None], size=(side, side), mode="bilinear", align_corners=False
         )
         labels = first_max_index(logits[0])[None, None].float()
         labels = F.interpolate(labels, size=size, mode="nearest")
-        return labels[0, 0].to(torch.uint8).cpu().numpy()
+        return labels[0, 0].to(torch.uint8)
 
 
 def _resize_square(tensor: torch.Tensor, size: int) -> torch.Tensor:

@@ -83,6 +83,26 @@ def test_infer_delivers_maps_early():
     assert [task for _, task, _ in delivered[:3]] == ["normals"] * 3
 
 
+def test_resize_output_matches_postprocess():
+    predictor = Predictor(make_model())
+    generator = torch.Generator().manual_seed(5)
+    image = (torch.rand(45, 70, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    [heads] = predictor.infer([image], [0.7], [list(predictor.tasks)])
+    expected = {"saliency": (45, 70), "normals": (45, 70, 3)}
+    for task, output in heads.outputs.items():
+        resized = predictor.resize_output(task, output, 45, 70)
+        array = predictor.postprocess(task, output, 45, 70)
+        assert tuple(resized.shape) == expected.get(task, (45, 70))
+        assert array.shape == tuple(resized.shape)
+        assert torch.equal(torch.from_numpy(array), resized)
+        if task == "normals":
+            # A view of the (3, H, W) map, so that its consumer reorders less data.
+            assert resized.permute(2, 0, 1).is_contiguous()
+            torch.testing.assert_close(resized.norm(dim=-1), torch.ones(45, 70))
+        else:
+            assert resized.dtype == (torch.float32 if task == "saliency" else torch.uint8)
+
+
 def test_read_only_array_gives_no_warning():
     # torch warns once per process, so the check runs in a process of its own.
     code = (
