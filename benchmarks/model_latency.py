@@ -7,7 +7,10 @@ of that batch, and `policy_overhead_ratio` the policy's FLOPs over the static mo
     python -m benchmarks.model_latency --preset demo --batch 1 8 --json
 
 Without `--checkpoint`, the preset is built with random weights and calibrated on generated
-images, which is enough to measure how wall-clock time follows FLOPs.
+images, which is enough to measure how wall-clock time follows FLOPs. A trained policy
+decides by content, so a checkpoint is best timed on the images it was trained for:
+`--images scenes` renders procedural scenes, as the demo model saw in training, from seeds
+that its training and validation splits do not use.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ def generated_images(count: int, size: int, seed: int) -> torch.Tensor:
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return (pixels - mean) / std
+
+
+def scene_images(predictor: Predictor, count: int, seed: int) -> torch.Tensor:
+    """Return (count, 3, size, size) model inputs of procedural validation scenes."""
+    from training.datasets.scenes import render_image
+
+    size = predictor.input_size
+    return predictor.preprocess(
+        [render_image(seed, "val", index, size)[0].image for index in range(count)]
+    )
 
 
 def build_predictor(
@@ -95,7 +108,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
     policy_overhead = model.policy_flops() / model.static_flops()
     rows = []
     for batch in args.batch:
-        images = generated_images(batch, size, args.seed + 100 + batch)
+        if args.images == "scenes":
+            images = scene_images(predictor, batch, args.seed + 100 + batch)
+        else:
+            images = generated_images(batch, size, args.seed + 100 + batch)
         for budget in args.budgets:
             output = predictor.run(images, budget)
             flops_ratio = float(output.stats.flops_ratio.mean())
@@ -111,6 +127,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     "adaptive_ms": round(1000 * adaptive_s, 2),
                     "policy_overhead_ratio": round(policy_overhead, 4),
                     "threads": torch.get_num_threads(),
+                    "images": args.images,
                 }
             )
             logging.info("measured %s", rows[-1])
@@ -143,6 +160,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS), help="budgets to time"
     )
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per path and budget")
+    parser.add_argument(
+        "--images",
+        choices=("generated", "scenes"),
+        default="generated",
+        help="timed inputs: smooth random images, or procedural scenes (what the demo model "
+        "was trained on; the scene seeds are the run's --seed + 100 + batch size)",
+    )
     parser.add_argument(
         "--calibration-images", type=int, default=16, help="generated images for calibration"
     )

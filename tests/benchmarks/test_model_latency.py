@@ -1,6 +1,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_model_latency_json_rows():
@@ -37,3 +40,20 @@ def test_model_latency_rejects_bad_batch():
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--batch values and --repeats must be positive" in result.stderr
+
+
+def test_model_latency_on_scenes_times_the_demo_checkpoint():
+    # The shipped checkpoint on procedural scenes, the inputs its policy was trained for.
+    command = [
+        sys.executable, "-m", "benchmarks.model_latency", "--preset", "demo", "--checkpoint",
+        "checkpoints/demo.safetensors", "--images", "scenes", "--batch", "2", "--budgets", "1.0",
+        "0.4", "--repeats", "1", "--json",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=True, cwd=REPO
+    )
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["images"] for row in rows] == ["scenes", "scenes"]
+    assert rows[0]["flops_ratio"] == 1.0
+    # The stored calibration holds on new scenes to within a few hundredths.
+    assert abs(rows[1]["flops_ratio"] - 0.4) < 0.1
