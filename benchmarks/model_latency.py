@@ -136,13 +136,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        "| preset | batch | budget | flops_ratio | latency_ratio | static ms | adaptive ms "
-        "| policy overhead |"
+        "| preset | images | batch | budget | flops_ratio | latency_ratio | static ms "
+        "| adaptive ms | policy overhead |"
     )
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 9)
     for row in rows:
         print(
-            f"| {row['preset']} | {row['batch']} | {row['budget']:.2f} "
+            f"| {row['preset']} | {row['images']} | {row['batch']} | {row['budget']:.2f} "
             f"| {row['flops_ratio']:.3f} | "
             f"{row['latency_ratio']:.3f} | {row['static_ms']:.1f} | {row['adaptive_ms']:.1f} | "
             f"{100 * row['policy_overhead_ratio']:.2f} % |"

@@ -57,9 +57,10 @@ BUDGET_SPLITS: dict[str, BudgetSplit] = {
     # (budget 0.5 gives 0.81 of blocks and 0.62 of tokens).
     "uniform": BudgetSplit((0.3, 0.3, 0.3, 0.3), per_stage_blocks=False, width_weights=True),
     # Cut where a CPU saves time at batch 1. A first-stage block's time falls with its kept
-    # tokens, so that stage skips only tokens. A deeper block's time hardly falls with fewer
-    # tokens (its matrix products have a few dozen rows), so those stages skip mostly whole
-    # blocks (docs/benchmarks.md, block scaling).
+    # tokens, so that stage skips only tokens. A deeper block's time falls less with fewer
+    # tokens (in the demo model at batch 1 its matrix products have 36 to 576 rows). So the
+    # second stage takes half of its cut from whole blocks, and the last two most of it
+    # (docs/benchmarks.md).
     "latency": BudgetSplit((0.0, 0.5, 0.8, 0.8), per_stage_blocks=True, width_weights=False),
 }
 
@@ -70,7 +71,7 @@ def budget_targets(
     """Split a FLOPs budget into per-block (block keep, token keep) training targets.
 
     Args:
-        budget: requested budget; clamped to [0, 1].
+        budget: requested budget, a float or a 0-d tensor; clamped to [0, 1].
         depths: blocks per stage.
         split: a key of `BUDGET_SPLITS`.
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -271,7 +272,9 @@ def repo_relative(text: str | None, root: Path = REPO) -> str | None:
     """
     if text is None:
         return None
-    return text.replace(f"{root.resolve()}{os.sep}", "")
+    # Only where a path starts: at the beginning, or after a space, ':' or '='.
+    prefix = re.escape(f"{root.resolve()}{os.sep}")
+    return re.sub(rf"(?<![^\s:=]){prefix}", "", text)
 
 
 def export_provenance(args: argparse.Namespace, metadata: dict) -> dict[str, Any]:

@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(BUDGET_SPLITS),
         default="uniform",
         help="how co-training splits each budget into block and token targets: 'uniform', "
-        "AdaMTL's split, the same in every stage; 'latency': the first stage skips tokens and "
-        "the deeper stages mostly whole blocks, where a CPU saves the most time at batch 1",
+        "AdaMTL's split, the same in every stage; 'latency': the first stage skips tokens, the "
+        "second half tokens and half blocks, the last two mostly whole blocks, where a CPU "
+        "saves the most time at batch 1",
     )
     budget.add_argument(
         "--setting",

@@ -291,6 +291,16 @@ def test_efficiency_loss_block_groups() -> None:
     _close(one_group["blocks"], 0.25**2)
 
 
+def test_efficiency_loss_block_groups_per_image() -> None:
+    block_keep = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    targets = torch.tensor([[1.0, 1.0, 0.5, 0.5]]).expand(2, 4)
+    _, parts = efficiency_loss(
+        block_keep, torch.ones(2, 4), (1, 1, 1, 1), targets, 1.0, block_groups=(0, 0, 1, 1)
+    )
+    # Image 0: gaps 0 and 0; image 1: gaps -0.5 and -0.5; squares averaged over 4 entries.
+    _close(parts["blocks"], (0.25 + 0.25) / 4)
+
+
 def test_efficiency_loss_per_block_token_targets() -> None:
     block_keep = torch.ones(1, 4)
     token_ratio = torch.tensor([[0.4, 0.4, 1.0, 1.0]])

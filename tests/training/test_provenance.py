@@ -22,6 +22,8 @@ def test_repo_relative_keeps_other_paths(tmp_path):
     # A sibling whose name starts with the root's name is outside the repository.
     assert repo_relative(f"pascal:{root}-data/VOC", root) == f"pascal:{root}-data/VOC"
     assert repo_relative("pascal:/datasets/PASCAL", root) == "pascal:/datasets/PASCAL"
+    # A path that only ends with the root's path is another directory.
+    assert repo_relative(f"--data /mnt{root}/runs/d", root) == f"--data /mnt{root}/runs/d"
     assert repo_relative(None, root) is None
 
 
