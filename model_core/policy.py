@@ -40,11 +40,11 @@ class BudgetSplit:
 
     Attributes:
         block_shares: per stage, the share of the cut (in log terms) taken by skipping whole
-            blocks; the rest is taken by skipping tokens.
+            blocks. Skipping tokens takes the rest.
         per_stage_blocks: compare each stage's fraction of executed blocks with that stage's
-            target; when False, all blocks are compared with one target, as in AdaMTL.
+            target. When False, all blocks are compared with one target, as in AdaMTL.
         width_weights: weigh each block's token gap by its stage's embedding width, as in
-            AdaMTL; when False, every block's gap weighs the same.
+            AdaMTL. When False, every block's gap weighs the same.
     """
 
     block_shares: tuple[float, ...]

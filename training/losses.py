@@ -313,8 +313,8 @@ def efficiency_loss(
     """AdaMTL's compute-budget loss, L_eff = L_blocks + L_tokens.
 
     L_blocks is the squared difference between the fraction of executed blocks and its
-    target, averaged over the batch; with `block_groups`, the fraction and the target are
-    taken per group of blocks (a stage, say) and the squares averaged over the groups.
+    target, averaged over the batch. With `block_groups`, the fraction and the target are
+    taken per group of blocks (a stage, say), and the squares are averaged over the groups.
     L_tokens is the squared difference between w_k * token_ratio[:, k] and w_k * token_target,
     averaged over blocks and the batch, with w_k = token_weights[k] / min(token_weights).
     The AdaMTL paper weighs each block by its stage's embedding width, so that the fewer but
@@ -330,7 +330,8 @@ def efficiency_loss(
         token_weights: (K,) positive weight of each block's token gap, such as its stage's
             embedding width.
         block_target: Target probability of running each block in [0, 1]: a float, (B,), or
-            (B, K) for a target per block.
+            (B, K) for a target per block. A 1-D target is always read as one value per
+            image, so per-block targets must be expanded to (B, K) first.
         token_target: Target fraction of kept tokens in [0, 1]: a float, (B,), or (B, K).
         batch_mean: compare the batch means of the ratios with the mean targets instead of
             each image's ratios with its targets. Images may then spend more or less than the

@@ -28,5 +28,5 @@ def test_repo_relative_keeps_other_paths(tmp_path):
 
 
 def test_repo_relative_default_root_is_this_checkout():
-    here = Path(__file__).resolve().parents[2]
-    assert repo_relative(f"scenes:{here}/runs/demo/data") == "scenes:runs/demo/data"
+    checkout = Path(__file__).resolve().parents[2]
+    assert repo_relative(f"scenes:{checkout}/runs/demo/data") == "scenes:runs/demo/data"
