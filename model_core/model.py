@@ -8,6 +8,8 @@ convolutions, linear layers and attention matrix products actually run.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +20,12 @@ from torch import nn
 
 from model_core.encoder import SwinEncoder
 from model_core.heads import TaskHead, project_stages, unit_vectors
-from model_core.policy import StagePolicy, gumbel_sigmoid_gate, union_over_tasks
+from model_core.policy import (
+    StagePolicy,
+    any_task_keeps,
+    gumbel_sigmoid_gate,
+    union_over_tasks,
+)
 from model_core.presets import ModelConfig
 from model_core.skipping import run_block_masked, run_block_packed, window_layout
 
@@ -48,7 +55,8 @@ class ExecutionStats:
         budgets: (B,) requested budgets.
         block_keep: (B, L) 1 where block l ran. Straight-through gate values in training.
         token_keep: (B, L) share of block l's tokens the token policy kept (ignoring the block
-            decision). Differentiable in training.
+            decision). Differentiable in training. At inference 0 in the stages where the
+            image runs no block, since its token policy is then skipped.
         executed_token_ratio: (B, L) share of block l's tokens computed (0 if skipped).
         stage_token_ratio: (B, 4) executed token ratio averaged over each stage's blocks.
         tokens_ratio: (B,) executed token ratio weighted by each block's embedding width.
@@ -176,12 +184,20 @@ class AdaMTL(nn.Module):
         self, budgets: float | Sequence[float] | torch.Tensor, batch: int
     ) -> torch.Tensor:
         """Validate budgets and return them as a (B,) float tensor."""
+        low, high = self.budget_range
+        if isinstance(budgets, float | int) and math.isfinite(budgets):
+            # One number for the whole batch is checked in Python, which saves the several
+            # small tensor operations of the checks below.
+            if not low - 1e-6 <= budgets <= high + 1e-6:
+                raise InvalidRequestError(
+                    f"invalid budget {budgets:g}: choose a value in [{low:g}, {high:g}]"
+                )
+            return torch.full((batch,), min(max(float(budgets), low), high))
         values = torch.as_tensor(budgets, dtype=torch.float64).flatten()
         if values.numel() == 1:
             values = values.expand(batch).clone()
         if values.numel() != batch:
             raise InvalidRequestError(f"got {values.numel()} budgets for a batch of {batch} images")
-        low, high = self.budget_range
         bad = ~torch.isfinite(values) | (values < low - 1e-6) | (values > high + 1e-6)
         if bool(bad.any()):
             value = float(values[bad][0])
@@ -254,6 +270,27 @@ class AdaMTL(nn.Module):
             policy.flops_per_image(*size)
             for policy, size in zip(self.policies, encoder.stage_sizes, strict=True)
         ]
+        costs["policy_parts"] = [
+            (policy.block_flops_per_image(), policy.token_flops_per_image(*size))
+            for policy, size in zip(self.policies, encoder.stage_sizes, strict=True)
+        ]
+        # The same numbers as tensors, built once rather than in every forward pass: per stage
+        # a (3, depth) table of per-token cost, per-window cost and tokens of each block.
+        blocks = iter(costs["blocks"])
+        costs["stage_tables"] = [
+            torch.tensor(
+                [
+                    [c["per_token"], c["per_window"], c["tokens"]]
+                    for c in itertools.islice(blocks, depth)
+                ],
+                dtype=torch.float64,
+            ).T.contiguous()
+            for depth in config.depths
+        ]
+        costs["block_dims"] = torch.tensor([b["dim"] for b in costs["blocks"]], dtype=torch.float32)
+        costs["head_table"] = torch.tensor(
+            [costs["heads"][t] for t in config.tasks], dtype=torch.float64
+        )
         return costs
 
     def static_flops(self, tasks: Sequence[str] | None = None) -> float:
@@ -375,9 +412,15 @@ class AdaMTL(nn.Module):
             stage_keep = stage_blocks.view(batch, depth, 1, 1) * stage_tokens
             stage_keep_bool = stage_keep.detach() > 0.5
             kept_tokens, attended_windows = [], []
+            # Blocks that no image of the batch runs are not entered at all.
+            block_runs = [True] * depth if self.training else (stage_blocks.amax(0) > 0.5).tolist()
             for depth_index, block in enumerate(stage.blocks):
                 keep_bool = stage_keep_bool[:, depth_index]
-                if self.training:
+                if not block_runs[depth_index]:
+                    nothing = torch.zeros(batch, dtype=torch.long, device=device)
+                    kept_tokens.append(nothing)
+                    attended_windows.append(nothing)
+                elif self.training:
                     x = run_block_masked(block, x, stage_keep[:, depth_index])
                     kept_tokens.append(keep_bool.reshape(batch, -1).sum(1))
                     attended_windows.append(_attended_windows(block, keep_bool))
@@ -394,11 +437,7 @@ class AdaMTL(nn.Module):
                     keep_masks.append(keep_bool)
             kept_count = torch.stack(kept_tokens, dim=1).double()  # (B, depth)
             window_count = torch.stack(attended_windows, dim=1).double()
-            per_token, per_window, tokens = torch.tensor(
-                [[c["per_token"], c["per_window"], c["tokens"]] for c in stage_costs],
-                dtype=torch.float64,
-                device=device,
-            ).unbind(1)
+            per_token, per_window, tokens = costs["stage_tables"][stage_index].to(device)
             flops += (kept_count * per_token + window_count * per_window).sum(1)
             block_keep.append(stage_blocks)
             token_keep.append(stage_tokens.mean(dim=(2, 3)))
@@ -445,16 +484,12 @@ class AdaMTL(nn.Module):
         flops += policy_flops
 
         executed_ratio = torch.cat(executed, dim=1)  # (B, L)
-        widths = torch.tensor(
-            [b["dim"] for b in costs["blocks"]], dtype=torch.float32, device=device
-        )
+        widths = costs["block_dims"].to(device)
         stage_ratio = torch.stack(
             [part.mean(1) for part in executed_ratio.split(list(self.config.depths), dim=1)], dim=1
         )
         block_keep_t = torch.cat(block_keep, dim=1)
-        head_costs = torch.tensor(
-            [costs["heads"][t] for t in self.config.tasks], dtype=torch.float64, device=device
-        )
+        head_costs = costs["head_table"].to(device)
         static = costs["encoder"] + (task_mask.double() * head_costs).sum(1)
         stats = ExecutionStats(
             flops=flops,
@@ -514,29 +549,66 @@ class AdaMTL(nn.Module):
             row_tasks = torch.ones(row_tasks.shape[0], 1, dtype=torch.bool, device=device)
 
         policy = self.policies[stage_index]
-        decision = policy(policy_input, row_budgets)
+        condition = policy.condition(row_budgets, dtype)
         temperature = self.config.gumbel_temperature
         rows_count = policy_input.shape[0]
-        if decision.block_logits is not None:
-            logits = decision.block_logits + offset.view(-1, 1, 1)
-            gates = gumbel_sigmoid_gate(logits, temperature, self.training, generator)
-            row_blocks = union_over_tasks(gates, row_tasks)  # (R, depth)
+        block_cost, token_cost = self._static_costs["policy_parts"][stage_index]
+        row_cost = torch.full((rows_count,), float(block_cost), dtype=torch.float64, device=device)
+        if policy.adapt_blocks:
+            logits = policy.block_logits(policy_input, condition) + offset.view(-1, 1, 1)
+            if self.training:
+                gates = gumbel_sigmoid_gate(logits, temperature, True, generator)
+                row_blocks = union_over_tasks(gates, row_tasks)  # (R, depth)
+            else:
+                row_blocks = any_task_keeps(logits, row_tasks).to(dtype)
         else:
             row_blocks = torch.ones(rows_count, depth, device=device, dtype=dtype)
-        if decision.token_logits is not None:
-            logits = decision.token_logits + offset.view(-1, 1, 1, 1, 1)
-            gates = gumbel_sigmoid_gate(logits, temperature, self.training, generator)
-            row_tokens = union_over_tasks(gates, row_tasks).permute(0, 3, 1, 2)  # (R, depth, H, W)
+        if policy.adapt_tokens:
+            # At inference an image's token masks matter only in the blocks it runs. Where its
+            # block policy skips the whole stage, its token policy is not run, nor counted,
+            # and its token masks are zeros.
+            token_rows = None
+            if not self.training and policy.adapt_blocks:
+                runs = row_blocks.amax(dim=1) > 0.5  # (R,)
+                if not bool(runs.all()):
+                    token_rows = runs.nonzero().squeeze(1)
+            if token_rows is None:
+                logits = policy.token_logits(policy_input, condition) + offset.view(-1, 1, 1, 1, 1)
+                if self.training:
+                    gates = gumbel_sigmoid_gate(logits, temperature, True, generator)
+                    row_tokens = union_over_tasks(gates, row_tasks)
+                else:
+                    row_tokens = any_task_keeps(logits, row_tasks).to(dtype)
+                row_tokens = row_tokens.permute(0, 3, 1, 2)  # (R, depth, H, W)
+                row_cost += token_cost
+            else:
+                row_tokens = torch.zeros(
+                    rows_count, depth, height, width, device=device, dtype=dtype
+                )
+                if token_rows.numel() > 0:
+                    logits = policy.token_logits(
+                        policy_input.index_select(0, token_rows),
+                        condition.index_select(0, token_rows),
+                    ) + offset.index_select(0, token_rows).view(-1, 1, 1, 1, 1)
+                    kept = any_task_keeps(logits, row_tasks.index_select(0, token_rows))
+                    row_tokens.index_copy_(0, token_rows, kept.to(dtype).permute(0, 3, 1, 2))
+                    row_cost.index_add_(
+                        0,
+                        token_rows,
+                        torch.full(
+                            (token_rows.numel(),),
+                            float(token_cost),
+                            dtype=torch.float64,
+                            device=device,
+                        ),
+                    )
         else:
             row_tokens = torch.ones(rows_count, depth, height, width, device=device, dtype=dtype)
 
-        cost = float(self._static_costs["policy"][stage_index])
         if all_adaptive:
-            policy_flops += cost
+            policy_flops += row_cost
             return row_blocks, row_tokens
-        policy_flops.index_add_(
-            0, rows, torch.full((rows.numel(),), cost, dtype=torch.float64, device=device)
-        )
+        policy_flops.index_add_(0, rows, row_cost)
         blocks = torch.ones(batch, depth, device=device, dtype=dtype).index_put((rows,), row_blocks)
         tokens = torch.ones(batch, depth, height, width, device=device, dtype=dtype).index_put(
             (rows,), row_tokens

@@ -141,7 +141,7 @@ class Predictor:
         pixels = torch.cat(batch).div_(255.0)
         return (pixels - self._mean) / self._std
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(
         self,
         images: torch.Tensor,
@@ -155,7 +155,7 @@ class Predictor:
             self.model.eval()
         return self.model(images.to(self.device), budgets, tasks, **kwargs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(
         self,
         images: Sequence[ImageInput],
@@ -188,7 +188,7 @@ class Predictor:
             results.append(Prediction(maps=maps, stats=raw.stats))
         return results
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def infer(
         self,
         images: Sequence[ImageInput],
@@ -244,7 +244,7 @@ class Predictor:
             results.append(HeadOutputs(outputs=outputs, stats=stats))
         return results
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def postprocess(self, task: str, output: torch.Tensor, height: int, width: int) -> np.ndarray:
         """Turn one (C, h, w) head output into the task's map of size (height, width).
 
@@ -257,7 +257,7 @@ class Predictor:
             return resized.numpy().astype(np.float32)
         return resized.numpy()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def resize_output(
         self, task: str, output: torch.Tensor, height: int, width: int
     ) -> torch.Tensor:

@@ -120,6 +120,57 @@ def test_reported_flops_match_counted_flops_with_task_subsets(calibrated_model):
     assert out.stats.flops.sum().item() == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
 
 
+def _policy_counted_macs(counter: FlopCounterMode, stage: int) -> float:
+    prefix = f"AdaMTL.policies.{stage}."
+    counts = counter.get_flop_counts()
+    return sum(sum(ops.values()) for name, ops in counts.items() if name.startswith(prefix)) / 2
+
+
+def test_skipped_stage_skips_token_policy():
+    model = make_model()  # uncalibrated: every gate offset is 0
+    stage = 1
+    policy = model.policies[stage]
+    # Block logits that follow the budget alone: every block of the stage is skipped at budget
+    # 0.3 and runs at 0.9, for any image.
+    with torch.no_grad():
+        policy.block_in.weight.zero_()
+        policy.block_in.bias.zero_()
+        policy.block_budget.weight.fill_(10.0)
+        policy.block_budget.bias.zero_()
+        policy.block_out.weight.fill_(1.0)
+        policy.block_out.bias.fill_(-1.0)
+    images = make_images(2, seed=3)
+    budgets = [0.3, 0.9]
+    with (
+        torch.no_grad(),
+        FlopCounterMode(display=False, custom_mapping=_CUSTOM_FORMULAS) as counter,
+    ):
+        out = model(images, budgets)
+    first = sum(model.config.depths[:stage])
+    blocks = out.stats.block_keep[:, first : first + model.config.depths[stage]]
+    assert torch.all(blocks[0] == 0)
+    assert torch.all(blocks[1] == 1)
+    assert torch.all(out.stats.token_keep[0, first : first + model.config.depths[stage]] == 0)
+
+    height, width = model.encoder.stage_sizes[stage]
+    block_cost = policy.block_flops_per_image()
+    token_cost = policy.token_flops_per_image(height, width)
+    assert token_cost > 0
+    # Both images ran the block policy, only the second the token policy.
+    assert _policy_counted_macs(counter, stage) == 2 * block_cost + token_cost
+    assert out.stats.flops.sum().item() == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
+
+    # Each image alone reports the same work and outputs as in the batch.
+    for index, budget in enumerate(budgets):
+        with torch.no_grad():
+            alone = model(images[index : index + 1], budget)
+        assert alone.stats.policy_flops[0] == out.stats.policy_flops[index]
+        assert alone.stats.flops[0] == out.stats.flops[index]
+        for task, value in alone.outputs.items():
+            torch.testing.assert_close(value[0], out.outputs[task][index], atol=1e-4, rtol=1e-4)
+    assert out.stats.policy_flops[1] - out.stats.policy_flops[0] == token_cost
+
+
 def test_flops_fall_with_budget(calibrated_model):
     images = make_images(6, seed=9)
     means = []

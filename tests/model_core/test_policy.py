@@ -1,9 +1,9 @@
-"""Budget splits: the per-block training targets of co-training."""
+"""Budget splits (the per-block training targets of co-training) and the inference gate."""
 
 import pytest
 import torch
 
-from model_core.policy import budget_targets
+from model_core.policy import any_task_keeps, budget_targets, gumbel_sigmoid_gate, union_over_tasks
 
 DEPTHS = (2, 2, 2, 2)
 
@@ -37,3 +37,15 @@ def test_budget_targets_invalid_arguments():
         budget_targets(0.5, DEPTHS, "fast")
     with pytest.raises(ValueError, match="has 4 stages, the model 3"):
         budget_targets(0.5, (2, 2, 2), "latency")
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (3, 4, 4, 2)])
+def test_inference_gate_matches_union(shape):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(*shape, 4, generator=generator)
+    logits[0, ..., 1] = 0.0  # exactly on the threshold: not kept
+    task_mask = torch.tensor([[True, True, False, False], [False, False, False, True], [True] * 4])
+    expected = union_over_tasks(gumbel_sigmoid_gate(logits, 1.0, training=False), task_mask)
+    got = any_task_keeps(logits, task_mask)
+    assert got.dtype == torch.bool
+    assert torch.equal(got, expected.bool())

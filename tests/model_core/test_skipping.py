@@ -2,7 +2,12 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 
-from model_core.skipping import run_block_masked, run_block_packed, window_layout
+from model_core.skipping import (
+    _relative_position_bias,
+    run_block_masked,
+    run_block_packed,
+    window_layout,
+)
 
 
 def make_block(shift: int, seed: int = 0) -> SwinTransformerBlock:
@@ -118,3 +123,9 @@ def test_packed_bias_table_edits_and_gradients(shift):
     out, _ = run_block_packed(block, x, keep)
     out[keep].square().sum().backward()
     assert table.grad is not None and bool(table.grad.abs().sum() > 0)
+
+
+def test_relative_position_bias_equals_timm():
+    block = make_block(2)
+    torch.nn.init.normal_(block.attn.relative_position_bias_table)
+    assert torch.equal(_relative_position_bias(block.attn), block.attn._get_rel_pos_bias())
