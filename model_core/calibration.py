@@ -27,7 +27,7 @@ def default_budget_grid(min_budget: float, step: float = 0.05) -> list[float]:
     return [round(float(b), 4) for b in grid]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def mean_flops_ratio(
     model: AdaMTL,
     images: torch.Tensor,
@@ -166,7 +166,7 @@ def _calibrate_table(
     return {"budgets": [float(b) for b in grid], "offsets": offsets, "achieved": achieved}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def calibrate(
     model: AdaMTL,
     images: torch.Tensor,
