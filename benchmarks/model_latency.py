@@ -2,7 +2,8 @@
 
 For each budget the static model (budget 1) and the adaptive model run alternately on the same
 batch, and the medians give `latency_ratio`. `flops_ratio` is the mean executed FLOPs ratio
-of that batch, and `policy_overhead_ratio` the policy's FLOPs over the static model's.
+of that batch, and `policy_overhead_ratio` the FLOPs of all policy networks over the static
+model's, the most a pass spends on the policy.
 
     python -m benchmarks.model_latency --preset demo --batch 1 8 --json
 

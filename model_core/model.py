@@ -55,8 +55,8 @@ class ExecutionStats:
         budgets: (B,) requested budgets.
         block_keep: (B, L) 1 where block l ran. Straight-through gate values in training.
         token_keep: (B, L) share of block l's tokens the token policy kept (ignoring the block
-            decision). Differentiable in training. At inference 0 in the stages where the
-            image runs no block, since its token policy is then skipped.
+            decision). Differentiable in training. At inference with the learned policy, 0
+            in the stages where the image runs no block, since its token policy is skipped.
         executed_token_ratio: (B, L) share of block l's tokens computed (0 if skipped).
         stage_token_ratio: (B, 4) executed token ratio averaged over each stage's blocks.
         tokens_ratio: (B,) executed token ratio weighted by each block's embedding width.
@@ -192,7 +192,7 @@ class AdaMTL(nn.Module):
                 raise InvalidRequestError(
                     f"invalid budget {budgets:g}: choose a value in [{low:g}, {high:g}]"
                 )
-            return torch.full((batch,), min(max(float(budgets), low), high))
+            return torch.full((batch,), min(max(float(budgets), low), high), dtype=torch.float32)
         values = torch.as_tensor(budgets, dtype=torch.float64).flatten()
         if values.numel() == 1:
             values = values.expand(batch).clone()
@@ -301,7 +301,11 @@ class AdaMTL(nn.Module):
         )
 
     def policy_flops(self) -> float:
-        """Return the multiply-accumulates of all policy networks for one image."""
+        """Return the multiply-accumulates of all policy networks for one image.
+
+        This is the most the policy costs. At inference a stage's token policy runs only for
+        the images that run one of its blocks, so `ExecutionStats.policy_flops` can be lower.
+        """
         return float(sum(self._static_costs["policy"]))
 
     # ----------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ class StagePolicy(nn.Module):
             x: (B, H, W, C) stage input.
             budgets: (B,) requested budgets.
         """
-        condition = self.condition(budgets, x.dtype)
+        condition = self.condition(budgets, x.dtype).view(x.shape[0], 1)
         return StageDecision(
             block_logits=self.block_logits(x, condition) if self.adapt_blocks else None,
             token_logits=self.token_logits(x, condition) if self.adapt_tokens else None,

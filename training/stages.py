@@ -794,7 +794,9 @@ def _last_record(path: Path) -> dict[str, Any]:
 
 def _quick_eval(model: AdaMTL, data: StageData, args: argparse.Namespace) -> dict[str, Any]:
     budget = 1.0 if args.stage == "static" else max(0.6, model.config.min_budget)
-    result = evaluate(Predictor(model), eval_loader(data.val, args.batch_size), budget)
+    # The model's own device: a GPU run must not move the model to the CPU mid-training.
+    predictor = Predictor(model, device=next(model.parameters()).device)
+    result = evaluate(predictor, eval_loader(data.val, args.batch_size), budget)
     model.train()
     return {"budget": budget, "metrics": result.metrics, "flops_ratio": result.mean_flops_ratio}
 
