@@ -30,8 +30,6 @@ from service.routes import router
 from service.settings import Settings, missing_checkpoint_message
 
 if TYPE_CHECKING:
-    import torch
-
     from model_core.predictor import HeadOutputs, Predictor
 
 logger = logging.getLogger("service")
@@ -146,20 +144,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
 
     # The inference thread runs only the forward pass. Each request resizes and encodes its
-    # maps on the image threads, while the next batch runs (see routes.MapEncoder).
+    # maps on the image threads once the pass has ended, while the next batch runs (see
+    # routes.MapEncoder). Starting a lone image's maps while its last heads still ran made
+    # the pass about 13 ms slower and the request about 5 ms slower (docs/benchmarks.md).
     def predict_batch(jobs: list[PredictJob]) -> list[HeadOutputs]:
-        def deliver(index: int, task: str, output: torch.Tensor) -> None:
-            callback = jobs[index].on_output
-            if callback is not None:
-                callback(task, output)
-
-        # Only a lone image hands its maps over early. In a larger batch they would start task
-        # by task across all its images, so every request would wait for the last task's maps.
         return predictor.infer(
             [job.image for job in jobs],
             [job.budget for job in jobs],
             [job.tasks for job in jobs],
-            on_output=deliver if len(jobs) == 1 else None,
         )
 
     batcher: Batcher[PredictJob, HeadOutputs] = Batcher(

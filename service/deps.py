@@ -18,9 +18,6 @@ from service.errors import ServiceError
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    import torch
     from PIL import Image
 
     from model_core.predictor import HeadOutputs, Predictor
@@ -45,9 +42,6 @@ class PredictJob:
     image: Image.Image
     budget: float
     tasks: list[str]
-    # Called in the inference thread with (task, (C, h, w) head output) as soon as that
-    # task's head has run, so the request can start on its map while the other heads run.
-    on_output: Callable[[str, torch.Tensor], None] | None = None
 
 
 @dataclass(eq=False)

@@ -300,12 +300,7 @@ def encode_output(
 
 
 class MapEncoder:
-    """Resize and encode the maps of one request, each as soon as its head output is ready.
-
-    For a lone image the predictor calls `deliver` from the inference thread while the
-    remaining heads still run (see `Predictor.infer`). The normals map, which takes longest,
-    thus starts a few milliseconds before the forward pass ends, on a core that is otherwise
-    idle at low load. `encode_all` then starts the maps not delivered early.
+    """Resize and encode the maps of one request after its forward pass.
 
     Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
     lock, so the maps of one request are processed in parallel when cores are idle, and the
@@ -324,18 +319,11 @@ class MapEncoder:
         self._size = size  # (height, width)
         self._limiter = limiter
         self._helper = helper
-        self._loop = asyncio.get_running_loop()
         self._closed = False
         self._started: dict[str, asyncio.Future[TaskOutput]] = {}
 
-    def deliver(self, task: str, output: torch.Tensor) -> None:
-        """Start one map from the inference thread, as soon as its head has run."""
-        self._loop.call_soon_threadsafe(self._start, task, output)
-
     def _start(self, task: str, output: torch.Tensor) -> None:
-        # A batch that failed is retried image by image, which delivers a map again. Any
-        # delivery gives the same map, so the first one is kept.
-        if self._closed or task in self._started:
+        if self._closed:
             return
         work = anyio.to_thread.run_sync(self._finish, task, output, limiter=self._limiter)
         future = asyncio.ensure_future(work)
@@ -361,7 +349,7 @@ class MapEncoder:
         return {task: await asyncio.shield(self._started[task]) for task in heads.outputs}
 
     def close(self) -> None:
-        """Skip the maps not started yet and ignore later deliveries, for a failed request."""
+        """Skip the maps not started yet, for a failed request."""
         self._closed = True
 
     async def wait_idle(self) -> None:
@@ -516,7 +504,7 @@ async def predict(
 
         size = (image.height, image.width)
         maps = MapEncoder(predictor, size, state.image_limiter, state.png_helper)
-        job = PredictJob(image.pixels, budget, task_list, maps.deliver)
+        job = PredictJob(image.pixels, budget, task_list)
         submitted = asyncio.ensure_future(
             batcher.submit(job, settings.request_timeout_s, admission)
         )
