@@ -2,9 +2,11 @@
 
 The benchmark starts `python -m service` as a subprocess on 127.0.0.1 and a free port, sends
 640x480 JPEGs from concurrent clients, and reports throughput and p50/p99 end-to-end latency
-per concurrency level. Between the load phases, and never at the same time, it times
+per concurrency level. In alternation with the load, and never at the same time, it times
 `Predictor.predict` in-process on the same checkpoint and images, in batches of
-min(concurrency, max batch size). `throughput_ratio` (service over predictor) and
+min(concurrency, max batch size): each concurrency level runs in `--rounds` rounds of
+predictor batches, then requests, so that a drift of the machine's speed during the run
+affects both sides alike. `throughput_ratio` (service over predictor) and
 `latency_ratio` (service p50 over the predictor's median batch time) then show what HTTP,
 JPEG decoding, PNG encoding and micro-batching cost. A soak at the end samples the service's
 resident memory (VmRSS) after a warm-up, about every 0.25 s during `--soak-requests` requests,
@@ -413,6 +415,18 @@ async def read_batch_totals(client: httpx.AsyncClient) -> dict[str, float]:
 class PredictorTiming:
     images_per_s: float
     batch_ms: float  # median duration of one predict call in milliseconds
+    durations_s: tuple[float, ...] = ()  # every timed predict call, in seconds
+
+    @classmethod
+    def from_durations(cls, durations_s: Sequence[float], batch_size: int) -> PredictorTiming:
+        return cls(
+            images_per_s=batch_size * len(durations_s) / sum(durations_s),
+            batch_ms=1000 * statistics.median(durations_s),
+            durations_s=tuple(durations_s),
+        )
+
+    def merged(self, other: PredictorTiming, batch_size: int) -> PredictorTiming:
+        return PredictorTiming.from_durations(self.durations_s + other.durations_s, batch_size)
 
 
 def time_predictor(
@@ -436,10 +450,7 @@ def time_predictor(
         started = time.perf_counter()
         predictor.predict(batch, budget)
         durations.append(time.perf_counter() - started)
-    return PredictorTiming(
-        images_per_s=batch_size * len(durations) / sum(durations),
-        batch_ms=1000 * statistics.median(durations),
-    )
+    return PredictorTiming.from_durations(durations, batch_size)
 
 
 # Benchmark
@@ -507,15 +518,9 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
             "tasks": tasks,
         }
         service = service_config(args, checkpoint, workdir)
-        predictor_timings: dict[int, PredictorTiming] = {}
-
-        def predictor_timing(batch_size: int) -> PredictorTiming:
-            if batch_size not in predictor_timings:
-                logger.info("timing the in-process predictor at batch size %d", batch_size)
-                predictor_timings[batch_size] = time_predictor(
-                    predictor, images, batch_size, args.budget, args.requests, args.phase_timeout_s
-                )
-            return predictor_timings[batch_size]
+        # Requests per round: the rounds together send --requests requests, at least one each.
+        rounds = min(args.rounds, args.requests)
+        shares = [len(part) for part in np.array_split(np.arange(args.requests), rounds)]
 
         rows = []
         with running_service(service) as (url, pid):
@@ -523,23 +528,47 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
             asyncio.run(check_first_response(url, jpegs[0], args.budget, tasks))
             # The service sits idle while the in-process predictor is timed, and the other way
             # round, so the two never compete for the CPU.
-            single = predictor_timing(1)
+            logger.info("timing the in-process predictor at batch size 1")
+            single = time_predictor(
+                predictor, images, 1, args.budget, args.requests, args.phase_timeout_s
+            )
             for concurrency in args.concurrency:
                 batch_size = min(concurrency, args.max_batch_size)
-                timing = predictor_timing(batch_size)
-                logger.info("loading the service at concurrency %d", concurrency)
-                result, batches = asyncio.run(
-                    run_load_phase(
-                        url,
-                        jpegs,
-                        args.budget,
+                timing: PredictorTiming | None = None
+                result, batches = LoadResult(), {}
+                for round_index, count in enumerate(shares):
+                    logger.info(
+                        "concurrency %d, round %d of %d: predictor at batch size %d, then %d "
+                        "requests",
                         concurrency,
-                        warmup=min(2 * concurrency, args.requests),
-                        count=args.requests,
-                        time_limit_s=args.phase_timeout_s,
+                        round_index + 1,
+                        rounds,
+                        batch_size,
+                        count,
                     )
-                )
+                    part = time_predictor(
+                        predictor, images, batch_size, args.budget, count, args.phase_timeout_s
+                    )
+                    timing = part if timing is None else timing.merged(part, batch_size)
+                    warmup = min(2 * concurrency, args.requests) if round_index == 0 else 0
+                    round_result, round_batches = asyncio.run(
+                        run_load_phase(
+                            url,
+                            jpegs,
+                            args.budget,
+                            concurrency,
+                            warmup=warmup,
+                            count=count,
+                            time_limit_s=args.phase_timeout_s,
+                        )
+                    )
+                    result.latencies_s += round_result.latencies_s
+                    result.errors += round_result.errors
+                    result.wall_s += round_result.wall_s
+                    for key, value in round_batches.items():
+                        batches[key] = batches.get(key, 0.0) + value
                 report_errors(f"concurrency {concurrency}", result)
+                assert timing is not None
                 rows.append(
                     load_row(
                         concurrency, batch_size, args.requests, result, batches, timing, single
@@ -745,6 +774,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument(
         "--requests", type=int, default=200, help="timed requests per concurrency level"
     )
+    load.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="alternations of predictor timing and requests per concurrency level (at most "
+        "--requests)",
+    )
     load.add_argument("--budget", type=float, default=0.6, help="compute budget of every request")
     load.add_argument("--images", type=int, default=4, help="different generated JPEGs to send")
     load.add_argument("--soak-requests", type=int, default=2000, help="requests of the memory soak")
@@ -786,6 +822,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     positive = {
         "--concurrency": min(args.concurrency),
         "--requests": args.requests,
+        "--rounds": args.rounds,
         "--images": args.images,
         "--soak-requests": args.soak_requests,
         "--soak-concurrency": args.soak_concurrency,

@@ -71,7 +71,8 @@ def test_service_load_json_rows(tiny_checkpoint):
     result = run_benchmark(
         [
             "--checkpoint", str(tiny_checkpoint), "--concurrency", "1", "4", "--requests", "8",
-            "--soak-requests", "20", "--soak-concurrency", "4", "--threads", "1", "--json",
+            "--rounds", "3", "--soak-requests", "20", "--soak-concurrency", "4", "--threads", "1",
+            "--json",
         ]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -101,6 +102,13 @@ def test_service_load_json_rows(tiny_checkpoint):
     assert not process_exists(rows[0]["service_pid"]), "the service outlived the benchmark"
     assert f"checkpoint: {tiny_checkpoint.resolve()}" in result.stderr
     assert "stopped the service" in result.stderr
+    # Each level alternates predictor timing and requests: 3, 3 and 2 of the 8 requests.
+    for concurrency in (1, 4):
+        for round_number, count in ((1, 3), (2, 3), (3, 2)):
+            line = f"concurrency {concurrency}, round {round_number} of 3"
+            assert f"{line}: predictor at batch size {concurrency}, then {count} requests" in (
+                result.stderr
+            )
 
 
 def test_service_load_missing_checkpoint(tmp_path):
