@@ -144,6 +144,15 @@ def test_resize_non_square_input() -> None:
     assert set(np.unique(out["human_parts"]).tolist()) <= {0.0, 3.0}
 
 
+def test_resize_to_same_size_keeps_maps() -> None:
+    sample = _sample(20, 20)
+    out = resize(sample, 20)
+    for key in ("image", "saliency", "human_parts", "semseg", "normals"):
+        np.testing.assert_array_equal(out[key], sample[key])
+    assert out["meta"] is sample["meta"]
+    assert out is not sample
+
+
 def test_resize_normals_keeps_invalid_region() -> None:
     sample = _sample(8, 8)
     normals = np.full((8, 8, 3), IGNORE_INDEX, np.float32)

@@ -201,6 +201,10 @@ def resize(sample: RawSample, size: int | tuple[int, int]) -> RawSample:
     kept at IGNORE_INDEX. "meta" is kept, so meta["size"] is still the original size.
     """
     shape = (size, size) if isinstance(size, int) else tuple(size)
+    if all(value.shape[:2] == shape for key, value in sample.items() if key != "meta"):
+        # Already at the size, as procedural scenes rendered at the model's size are: PIL
+        # would copy every map, and the normals would only be renormalised again.
+        return dict(sample)
     out = dict(sample)
     out["image"] = _warp_map(sample["image"], shape, _BICUBIC)
     for key in LABEL_KEYS:
