@@ -96,7 +96,7 @@ case "$PRESET" in
             [workers]=1 [static-epochs]=8 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=6
             [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
             [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200
-            [calibration-step]=0.05 [calibration-tolerance]=0.005 [class-weights]=balanced
+            [calibration-step]=0.1 [calibration-tolerance]=0.005 [class-weights]=balanced
             [budget-sampling]=low [budget-split]=latency) ;;
     swin-t|swin-s|swin-b)
         # The AdaMTL paper's PASCAL-Context schedule: 1000, 80, 150 + 150 epochs.
