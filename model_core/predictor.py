@@ -66,6 +66,11 @@ class HeadOutputs:
 class Predictor:
     """Run an `AdaMTL` model on raw images.
 
+    `run`, `predict`, `infer`, `postprocess` and `resize_output` run under
+    `torch.inference_mode`, so the tensors they return are inference tensors. These cannot
+    enter autograd or be changed in place outside inference mode (clone them first). For
+    training, call the model itself.
+
     Args:
         model: the model; moved to `device` and put in eval mode.
         device: torch device.
