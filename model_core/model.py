@@ -596,16 +596,7 @@ class AdaMTL(nn.Module):
                     ) + offset.index_select(0, token_rows).view(-1, 1, 1, 1, 1)
                     kept = any_task_keeps(logits, row_tasks.index_select(0, token_rows))
                     row_tokens.index_copy_(0, token_rows, kept.to(dtype).permute(0, 3, 1, 2))
-                    row_cost.index_add_(
-                        0,
-                        token_rows,
-                        torch.full(
-                            (token_rows.numel(),),
-                            float(token_cost),
-                            dtype=torch.float64,
-                            device=device,
-                        ),
-                    )
+                    row_cost[token_rows] += float(token_cost)
         else:
             row_tokens = torch.ones(rows_count, depth, height, width, device=device, dtype=dtype)
 
