@@ -51,7 +51,7 @@ class ExecutionStats:
     Attributes:
         flops: (B,) executed multiply-accumulates, policy and heads included.
         static_flops: (B,) multiply-accumulates of the static model for the requested tasks.
-        policy_flops: (B,) multiply-accumulates of the policy networks.
+        policy_flops: (B,) executed multiply-accumulates of the policy networks.
         budgets: (B,) requested budgets.
         block_keep: (B, L) 1 where block l ran. Straight-through gate values in training.
         token_keep: (B, L) share of block l's tokens the token policy kept (ignoring the block

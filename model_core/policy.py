@@ -8,8 +8,9 @@ percent of the encoder's FLOPs. The requested budget enters every hidden layer.
 
 Gate: during training a Gumbel-sigmoid with a straight-through hard mask; at inference the
 mask is `logit + offset > 0`, deterministic, with the offset read from the calibration table.
-Task-aware union: a block or token runs if any requested task keeps it (sum, then clamp to 1,
-with the gradient passed straight through the clamp so every task's gate receives it).
+Task-aware union: a block or token runs if any requested task keeps it. In training it is a
+sum, then a clamp to 1, with the gradient passed straight through the clamp so every task's
+gate receives it. At inference `any_task_keeps` computes the gate and the union together.
 """
 
 from __future__ import annotations

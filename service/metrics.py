@@ -149,7 +149,8 @@ class ServiceMetrics:
         )
         self.inference_duration = Histogram(
             "adamtl_inference_duration_seconds",
-            "Time of one batched forward pass, including pre- and post-processing.",
+            "Time of one batched forward pass, including pre-processing; the maps are resized and "
+            "encoded afterwards.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )

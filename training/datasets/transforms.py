@@ -198,7 +198,8 @@ def resize(sample: RawSample, size: int | tuple[int, int]) -> RawSample:
     The aspect ratio is not kept. The image is resampled bicubically with PIL, which low-pass
     filters when it shrinks (OpenCV's bicubic in the reference code does not). Label maps use
     nearest sampling. Normals are resampled bicubically and renormalised, with invalid pixels
-    kept at IGNORE_INDEX. "meta" is kept, so meta["size"] is still the original size.
+    kept at IGNORE_INDEX. "meta" is kept, so meta["size"] is still the original size. A sample
+    whose maps are all at `size` already is returned unchanged, in a new dict.
     """
     shape = (size, size) if isinstance(size, int) else tuple(size)
     if all(value.shape[:2] == shape for key, value in sample.items() if key != "meta"):
