@@ -6,8 +6,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_core.predictor import POSTPROCESS_FIRST, Predictor, _resize_square, first_max_index
+from model_core.predictor import (
+    POSTPROCESS_FIRST,
+    Predictor,
+    _resize_square,
+    bilinear_resize,
+    first_max_index,
+)
 from tests.model_core.conftest import make_model
+
+
+@pytest.mark.parametrize(
+    ("in_size", "out_size"),
+    [((24, 24), (480, 640)), ((24, 24), (192, 192)), ((24, 30), (7, 5)), ((5, 5), (1, 1)),
+     ((1, 1), (4, 3)), ((6, 9), (6, 9))],
+)  # fmt: skip
+def test_bilinear_resize_matches_interpolate(in_size, out_size):
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(3, *in_size, generator=generator)
+    expected = F.interpolate(maps[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    resized = bilinear_resize(maps, out_size)
+    assert resized.shape == expected.shape
+    torch.testing.assert_close(resized, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_bilinear_resize_weights_serve_normal_mode():
+    maps = torch.randn(2, 4, 4)
+    with torch.inference_mode():
+        bilinear_resize(maps, (13, 11))  # caches the weights in inference mode
+    grad_maps = maps.clone().requires_grad_()
+    bilinear_resize(grad_maps, (13, 11)).sum().backward()
+    assert grad_maps.grad is not None
 
 
 @pytest.mark.parametrize("channels", [1, 2, 9, 21])
