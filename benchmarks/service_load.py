@@ -518,9 +518,6 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
             "tasks": tasks,
         }
         service = service_config(args, checkpoint, workdir)
-        # Requests per round: the rounds together send --requests requests, at least one each.
-        rounds = min(args.rounds, args.requests)
-        shares = [len(part) for part in np.array_split(np.arange(args.requests), rounds)]
 
         rows = []
         with running_service(service) as (url, pid):
@@ -534,6 +531,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
             )
             for concurrency in args.concurrency:
                 batch_size = min(concurrency, args.max_batch_size)
+                # The rounds together send --requests requests. Each sends at least
+                # `concurrency`, so that every round loads the service at that concurrency.
+                rounds = max(1, min(args.rounds, args.requests // concurrency))
+                shares = [len(part) for part in np.array_split(np.arange(args.requests), rounds)]
                 timing: PredictorTiming | None = None
                 result, batches = LoadResult(), {}
                 for round_index, count in enumerate(shares):
@@ -778,8 +779,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=4,
-        help="alternations of predictor timing and requests per concurrency level (at most "
-        "--requests)",
+        help="alternations of predictor timing and requests per concurrency level; fewer when "
+        "a round would get fewer requests than the concurrency",
     )
     load.add_argument("--budget", type=float, default=0.6, help="compute budget of every request")
     load.add_argument("--images", type=int, default=4, help="different generated JPEGs to send")

@@ -115,7 +115,7 @@ class ServiceState:
         waiting_for = set(self.in_flight)
         if self._busy(waiting_for):
             logger.info(
-                "draining: waiting up to %.3g s for %d requests in flight",
+                "draining: waiting up to %.3g s for the requests in flight (%d)",
                 max(0.0, self._drain_deadline - time.monotonic()),
                 len(waiting_for),
             )

@@ -572,7 +572,7 @@ async def predict(
 @router.get(
     "/v1/model",
     response_model=ModelInfo,
-    responses={503: _error("The model is not loaded yet.")},
+    responses={503: _error("The model is still loading, or the service is draining.")},
     tags=["model"],
 )
 async def read_model(state: ReadyStateDep) -> ModelInfo:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,47 @@ def test_nan_weights_raise(tmp_path):
     path = save_checkpoint(model, tmp_path / "nan.safetensors")
     with pytest.raises(CheckpointError, match="NaN or infinite values in"):
         load_checkpoint(path)
+
+
+# Resizes a (3, 24, 24) map to 1 x 4,000,000 pixels in a fresh interpreter and prints the peak
+# and the retained growth of resident memory in MiB. The output itself is 46 MiB.
+_WIDE_RESIZE_SCRIPT = """
+import torch
+from model_core.predictor import bilinear_resize
+
+def status_mib(key):
+    with open("/proc/self/status") as status:
+        return int(status.read().split(key + ":")[1].split()[0]) // 1024
+
+torch.set_num_threads(1)
+maps = torch.randn(3, 24, 24)
+bilinear_resize(maps, (2, 2))
+before = status_mib("VmRSS")
+with open("/proc/self/clear_refs", "w") as clear_refs:
+    clear_refs.write("5")  # resets VmHWM to the current resident memory
+resized = bilinear_resize(maps, (1, 4_000_000))
+assert resized.shape == (3, 1, 4_000_000)
+peak = status_mib("VmHWM") - before
+del resized
+print(peak, status_mib("VmRSS") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_bilinear_resize_wide_map_memory():
+    # An upload of 1 x N pixels is within the service's default pixel limit up to
+    # N = 40,000,000. Its resize should cost about its output, as F.interpolate's does (peak
+    # 120 MiB at N = 5e6). A dense (N, 24) weight matrix, built in float64 and cached in
+    # float32 after the call, raised the peak by 1.9 GiB at N = 5e6.
+    result = subprocess.run(
+        [sys.executable, "-c", _WIDE_RESIZE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    peak_mib, retained_mib = (int(value) for value in result.stdout.split())
+
+    assert peak_mib < 400, f"peak resident memory grew by {peak_mib} MiB"
+    assert retained_mib < 100, f"{retained_mib} MiB stay resident after the call"

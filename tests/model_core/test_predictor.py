@@ -19,7 +19,7 @@ from tests.model_core.conftest import make_model
 @pytest.mark.parametrize(
     ("in_size", "out_size"),
     [((24, 24), (480, 640)), ((24, 24), (192, 192)), ((24, 30), (7, 5)), ((5, 5), (1, 1)),
-     ((1, 1), (4, 3)), ((6, 9), (6, 9))],
+     ((1, 1), (4, 3)), ((6, 9), (6, 9)), ((24, 24), (2, 20_000))],
 )  # fmt: skip
 def test_bilinear_resize_matches_interpolate(in_size, out_size):
     generator = torch.Generator().manual_seed(0)
@@ -28,6 +28,12 @@ def test_bilinear_resize_matches_interpolate(in_size, out_size):
     resized = bilinear_resize(maps, out_size)
     assert resized.shape == expected.shape
     torch.testing.assert_close(resized, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_bilinear_resize_integer_map_matches_interpolate():
+    maps = torch.full((1, 4, 4), 200, dtype=torch.uint8)
+    expected = F.interpolate(maps[None], size=(6, 6), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(bilinear_resize(maps, (6, 6)), expected)
 
 
 def test_bilinear_resize_weights_serve_normal_mode():
