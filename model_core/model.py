@@ -8,7 +8,6 @@ convolutions, linear layers and attention matrix products actually run.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -274,19 +273,12 @@ class AdaMTL(nn.Module):
             (policy.block_flops_per_image(), policy.token_flops_per_image(*size))
             for policy, size in zip(self.policies, encoder.stage_sizes, strict=True)
         ]
-        # The same numbers as tensors, built once rather than in every forward pass: per stage
-        # a (3, depth) table of per-token cost, per-window cost and tokens of each block.
-        blocks = iter(costs["blocks"])
-        costs["stage_tables"] = [
-            torch.tensor(
-                [
-                    [c["per_token"], c["per_window"], c["tokens"]]
-                    for c in itertools.islice(blocks, depth)
-                ],
-                dtype=torch.float64,
-            ).T.contiguous()
-            for depth in config.depths
-        ]
+        # The same numbers as tensors, built once rather than in every forward pass: a (3, L)
+        # table of per-token cost, per-window cost and tokens of each block.
+        costs["block_table"] = torch.tensor(
+            [[c["per_token"], c["per_window"], c["tokens"]] for c in costs["blocks"]],
+            dtype=torch.float64,
+        ).T.contiguous()
         costs["block_dims"] = torch.tensor([b["dim"] for b in costs["blocks"]], dtype=torch.float32)
         costs["head_table"] = torch.tensor(
             [costs["heads"][t] for t in config.tasks], dtype=torch.float64
@@ -370,6 +362,10 @@ class AdaMTL(nn.Module):
         )
         policy_flops = torch.zeros(batch, dtype=torch.float64, device=device)
         block_keep, token_keep, executed, keep_masks = [], [], [], []
+        # Per block, the (B,) kept tokens and attended windows of the adaptive path. Their FLOPs
+        # are added once after the last stage: per-stage arithmetic costs more than it computes
+        # at batch 1.
+        kept_tokens, attended_windows = [], []
         offsets = None  # (B,) gate offsets, computed at the first adaptive stage
         features = []
 
@@ -415,7 +411,6 @@ class AdaMTL(nn.Module):
             # their arithmetic at batch 1.
             stage_keep = stage_blocks.view(batch, depth, 1, 1) * stage_tokens
             stage_keep_bool = stage_keep.detach() > 0.5
-            kept_tokens, attended_windows = [], []
             # Blocks that no image of the batch runs are not entered at all.
             block_runs = [True] * depth if self.training else (stage_blocks.amax(0) > 0.5).tolist()
             for depth_index, block in enumerate(stage.blocks):
@@ -439,25 +434,32 @@ class AdaMTL(nn.Module):
                     attended_windows.append(packed.attended_windows)
                 if return_masks:
                     keep_masks.append(keep_bool)
-            kept_count = torch.stack(kept_tokens, dim=1).double()  # (B, depth)
-            window_count = torch.stack(attended_windows, dim=1).double()
-            per_token, per_window, tokens = costs["stage_tables"][stage_index].to(device)
-            flops += (kept_count * per_token + window_count * per_window).sum(1)
             block_keep.append(stage_blocks)
             token_keep.append(stage_tokens.mean(dim=(2, 3)))
-            executed.append((kept_count / tokens).float())
             features.append(self.encoder.output_norm(stage_index, x))  # (B, H, W, C)
+
+        if any_adaptive:
+            kept_count = torch.stack(kept_tokens, dim=1).double()  # (B, L)
+            window_count = torch.stack(attended_windows, dim=1).double()
+            per_token, per_window, tokens = costs["block_table"].to(device)
+            flops += (kept_count * per_token + window_count * per_window).sum(1)
+            executed_ratio = (kept_count / tokens).float()
+        else:
+            executed_ratio = torch.cat(executed, dim=1)  # (B, L)
+        head_flops = task_mask.double() @ costs["head_table"].to(device)  # (B,)
+        flops += head_flops
 
         outputs = {}
         # Heads that every image requested share one projection pass. The others run on their
         # own rows.
         shared, own_rows = [], []
+        requested_by_any = task_mask.any(0).tolist()
+        requested_by_all = task_mask.all(0).tolist()
         for task_index, task in enumerate(self.config.tasks):
-            rows = task_mask[:, task_index]
-            flops += rows.double() * costs["heads"][task]
-            if not compute_outputs or not bool(rows.any()):
+            if not compute_outputs or not requested_by_any[task_index]:
                 continue
-            (shared if bool(rows.all()) else own_rows).append((task, rows))
+            rows = task_mask[:, task_index]
+            (shared if requested_by_all[task_index] else own_rows).append((task, rows))
         if head_order is not None:
             rank = {task: position for position, task in enumerate(head_order)}
             shared.sort(key=lambda item: rank.get(item[0], len(rank)))
@@ -487,14 +489,12 @@ class AdaMTL(nn.Module):
         outputs = {task: outputs[task] for task in self.config.tasks if task in outputs}
         flops += policy_flops
 
-        executed_ratio = torch.cat(executed, dim=1)  # (B, L)
         widths = costs["block_dims"].to(device)
         stage_ratio = torch.stack(
             [part.mean(1) for part in executed_ratio.split(list(self.config.depths), dim=1)], dim=1
         )
         block_keep_t = torch.cat(block_keep, dim=1)
-        head_costs = costs["head_table"].to(device)
-        static = costs["encoder"] + (task_mask.double() * head_costs).sum(1)
+        static = costs["encoder"] + head_flops
         stats = ExecutionStats(
             flops=flops,
             static_flops=static,
