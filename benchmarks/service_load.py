@@ -519,16 +519,12 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
         }
         service = service_config(args, checkpoint, workdir)
 
-        rows = []
+        levels = []
         with running_service(service) as (url, pid):
             conditions["service_pid"] = pid
             asyncio.run(check_first_response(url, jpegs[0], args.budget, tasks))
             # The service sits idle while the in-process predictor is timed, and the other way
             # round, so the two never compete for the CPU.
-            logger.info("timing the in-process predictor at batch size 1")
-            single = time_predictor(
-                predictor, images, 1, args.budget, args.requests, args.phase_timeout_s
-            )
             for concurrency in args.concurrency:
                 batch_size = min(concurrency, args.max_batch_size)
                 # The rounds together send --requests requests. Each sends at least
@@ -570,13 +566,21 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
                         batches[key] = batches.get(key, 0.0) + value
                 report_errors(f"concurrency {concurrency}", result)
                 assert timing is not None
-                rows.append(
-                    load_row(
-                        concurrency, batch_size, args.requests, result, batches, timing, single
-                    )
-                )
+                levels.append((concurrency, batch_size, result, batches, timing))
 
+            # Batch size 1 was timed at concurrency 1, when that level ran.
+            single = next((level[4] for level in levels if level[1] == 1), None)
+            if single is None:
+                logger.info("timing the in-process predictor at batch size 1")
+                single = time_predictor(
+                    predictor, images, 1, args.budget, args.requests, args.phase_timeout_s
+                )
             soak = run_soak(args, url, jpegs, pid)
+
+    rows = [
+        load_row(concurrency, batch_size, args.requests, result, batches, timing, single)
+        for concurrency, batch_size, result, batches, timing in levels
+    ]
 
     # Every row carries the soak and the run's conditions, so each JSON line is self-contained.
     shared = {key: conditions[key] for key in ROW_CONDITIONS}

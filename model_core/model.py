@@ -265,14 +265,11 @@ class AdaMTL(nn.Module):
                 for b in costs["blocks"]
             )
         )
-        costs["policy"] = [
-            policy.flops_per_image(*size)
-            for policy, size in zip(self.policies, encoder.stage_sizes, strict=True)
-        ]
         costs["policy_parts"] = [
             (policy.block_flops_per_image(), policy.token_flops_per_image(*size))
             for policy, size in zip(self.policies, encoder.stage_sizes, strict=True)
         ]
+        costs["policy"] = [block + token for block, token in costs["policy_parts"]]
         # The same numbers as tensors, built once rather than in every forward pass: a (3, L)
         # table of per-token cost, per-window cost and tokens of each block.
         costs["block_table"] = torch.tensor(
@@ -554,17 +551,12 @@ class AdaMTL(nn.Module):
 
         policy = self.policies[stage_index]
         condition = policy.condition(row_budgets, dtype)
-        temperature = self.config.gumbel_temperature
         rows_count = policy_input.shape[0]
         block_cost, token_cost = self._static_costs["policy_parts"][stage_index]
         row_cost = torch.full((rows_count,), float(block_cost), dtype=torch.float64, device=device)
         if policy.adapt_blocks:
             logits = policy.block_logits(policy_input, condition) + offset.view(-1, 1, 1)
-            if self.training:
-                gates = gumbel_sigmoid_gate(logits, temperature, True, generator)
-                row_blocks = union_over_tasks(gates, row_tasks)  # (R, depth)
-            else:
-                row_blocks = any_task_keeps(logits, row_tasks).to(dtype)
+            row_blocks = self._gate_union(logits, row_tasks, generator)  # (R, depth)
         else:
             row_blocks = torch.ones(rows_count, depth, device=device, dtype=dtype)
         if policy.adapt_tokens:
@@ -578,12 +570,7 @@ class AdaMTL(nn.Module):
                     token_rows = runs.nonzero().squeeze(1)
             if token_rows is None:
                 logits = policy.token_logits(policy_input, condition) + offset.view(-1, 1, 1, 1, 1)
-                if self.training:
-                    gates = gumbel_sigmoid_gate(logits, temperature, True, generator)
-                    row_tokens = union_over_tasks(gates, row_tasks)
-                else:
-                    row_tokens = any_task_keeps(logits, row_tasks).to(dtype)
-                row_tokens = row_tokens.permute(0, 3, 1, 2)  # (R, depth, H, W)
+                row_tokens = self._gate_union(logits, row_tasks, generator).permute(0, 3, 1, 2)
                 row_cost += token_cost
             else:
                 row_tokens = torch.zeros(
@@ -594,8 +581,10 @@ class AdaMTL(nn.Module):
                         policy_input.index_select(0, token_rows),
                         condition.index_select(0, token_rows),
                     ) + offset.index_select(0, token_rows).view(-1, 1, 1, 1, 1)
-                    kept = any_task_keeps(logits, row_tasks.index_select(0, token_rows))
-                    row_tokens.index_copy_(0, token_rows, kept.to(dtype).permute(0, 3, 1, 2))
+                    selected = self._gate_union(
+                        logits, row_tasks.index_select(0, token_rows), generator
+                    )
+                    row_tokens.index_copy_(0, token_rows, selected.permute(0, 3, 1, 2))
                     row_cost[token_rows] += float(token_cost)
         else:
             row_tokens = torch.ones(rows_count, depth, height, width, device=device, dtype=dtype)
@@ -609,6 +598,19 @@ class AdaMTL(nn.Module):
             (rows,), row_tokens
         )
         return blocks, tokens
+
+    def _gate_union(
+        self, logits: torch.Tensor, tasks: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Turn (R, ..., T) per-task keep logits into the (R, ...) mask of the requested tasks.
+
+        Training uses the straight-through Gumbel gate and the differentiable union, and
+        inference the deterministic gate, both with values 0 or 1 in the logits' dtype.
+        """
+        if self.training:
+            gates = gumbel_sigmoid_gate(logits, self.config.gumbel_temperature, True, generator)
+            return union_over_tasks(gates, tasks)
+        return any_task_keeps(logits, tasks).to(logits.dtype)
 
     def _finish_head(self, task: str, out: torch.Tensor) -> torch.Tensor:
         """Resize a head's output to the input resolution; normals become unit vectors."""

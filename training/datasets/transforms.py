@@ -203,8 +203,8 @@ def resize(sample: RawSample, size: int | tuple[int, int]) -> RawSample:
     """
     shape = (size, size) if isinstance(size, int) else tuple(size)
     if all(value.shape[:2] == shape for key, value in sample.items() if key != "meta"):
-        # Already at the size, as procedural scenes rendered at the model's size are: PIL
-        # would copy every map, and the normals would only be renormalised again.
+        # Procedural scenes are rendered at the model's size. For them PIL would only copy
+        # every map, and the normals would be renormalised once more.
         return dict(sample)
     out = dict(sample)
     out["image"] = _warp_map(sample["image"], shape, _BICUBIC)
