@@ -225,7 +225,8 @@ class MultiTaskLoss(nn.Module):
                     f"task {task!r} missing from the model outputs {sorted(outputs)} "
                     f"or the batch {sorted(batch)}"
                 )
-            output, target = outputs[task], batch[task]
+            # Under bfloat16 autocast the heads' outputs are bfloat16; losses stay float32.
+            output, target = outputs[task].float(), batch[task]
             _check_spatial(task, output, target)
             class_weight = self.class_weights.get(task)
             if class_weight is None:
@@ -274,7 +275,7 @@ def distillation_loss(
     weights = DEFAULT_TASK_WEIGHTS if weights is None else weights
     terms: dict[str, Tensor] = {}
     for task in tasks:
-        output, target = student[task], teacher[task].detach()
+        output, target = student[task].float(), teacher[task].detach().float()
         if output.shape != target.shape:
             raise ValueError(
                 f"{task}: student map {tuple(output.shape)} and teacher map "

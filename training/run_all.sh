@@ -32,6 +32,7 @@ schedule overrides (defaults depend on the preset):
   --budget-sampling uniform|low  co-training: how budgets are drawn (low: more near min_budget)
   --budget-split uniform|latency co-training: how a budget splits into block and token targets
                              (latency: first-stage tokens and deep blocks; docs/training.md)
+  --precision fp32|bf16       training forward passes in float32 or bfloat16 autocast
   --calibration-step X --calibration-tolerance X --latency-repeats N
 EOF
 }
@@ -59,7 +60,7 @@ while [[ $# -gt 0 ]]; do
         --agnostic-policy-epochs|--agnostic-att-epochs|--agnostic-finetune-epochs|\
         --agnostic-steps-per-epoch|--lr|--policy-lr|--warmup-steps|--calibration-step|\
         --calibration-tolerance|--latency-repeats|--class-weights|--distill|--budget-sampling|\
-        --budget-split)
+        --budget-split|--precision)
             [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
             SET["${1#--}"]="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -72,7 +73,7 @@ declare -A S=(
     [steps-per-epoch]="" [agnostic-steps-per-epoch]="" [warmup-steps]=100
     [calibration-step]=0.05 [calibration-tolerance]=0.003 [latency-repeats]=20
     [lr]=1e-4 [policy-lr]=1e-3 [workers]=0 [class-weights]=none [distill]=0
-    [budget-sampling]=uniform [budget-split]=uniform
+    [budget-sampling]=uniform [budget-split]=uniform [precision]=fp32
 )
 case "$PRESET" in
     smoke)
@@ -82,7 +83,8 @@ case "$PRESET" in
             [steps-per-epoch]=2 [agnostic-policy-epochs]=1 [agnostic-att-epochs]=0
             [agnostic-finetune-epochs]=1 [agnostic-steps-per-epoch]=2 [lr]=1e-3
             [warmup-steps]=2 [calibration-step]=0.1 [calibration-tolerance]=0.02
-            [latency-repeats]=3 [class-weights]=balanced [distill]=1 [budget-split]=latency) ;;
+            [latency-repeats]=3 [class-weights]=balanced [distill]=1 [budget-split]=latency
+            [precision]=bf16) ;;
     demo)
         # About 60 minutes on 2 idle CPU cores, an estimate from measured stage times
         # (docs/training.md). People cover a few percent of the pixels, so the label maps'
@@ -97,7 +99,7 @@ case "$PRESET" in
             [agnostic-policy-epochs]=1 [agnostic-att-epochs]=4 [agnostic-finetune-epochs]=1
             [agnostic-steps-per-epoch]=40 [lr]=1e-3 [warmup-steps]=200
             [calibration-step]=0.1 [calibration-tolerance]=0.005 [class-weights]=balanced
-            [budget-sampling]=low [budget-split]=latency) ;;
+            [budget-sampling]=low [budget-split]=latency [precision]=bf16) ;;
     swin-t|swin-s|swin-b)
         # The AdaMTL paper's PASCAL-Context schedule: 1000, 80, 150 + 150 epochs.
         MODEL="$PRESET" DATASET=pascal SIZE=224
@@ -173,7 +175,7 @@ COMMON=(--data "$DATA" --dataset "$DATASET" --calibration-images "${S[calibratio
         --calibration-step "${S[calibration-step]}"
         --calibration-tolerance "${S[calibration-tolerance]}" --class-weights "${S[class-weights]}"
         --distill "${S[distill]}" --budget-sampling "${S[budget-sampling]}"
-        --budget-split "${S[budget-split]}")
+        --budget-split "${S[budget-split]}" --precision "${S[precision]}")
 cap() { [[ -n "$1" ]] && echo "--steps-per-epoch $1" || true; }
 
 # 2. The three stages of the task-aware model.

@@ -561,6 +561,21 @@ def prepare_epoch(
     return EpochPlan(loss_function, after_step, tasks[focus])
 
 
+def with_precision(
+    loss_function: LossFunction, precision: str, device: torch.device
+) -> LossFunction:
+    """Run `loss_function`, the model's forward pass included, under bfloat16 autocast when
+    `precision` is "bf16" (see --precision). The backward pass follows the same casts."""
+    if precision == "fp32":
+        return loss_function
+
+    def compute(model: nn.Module, batch: dict[str, Any]) -> StepResult:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return loss_function(model, batch)
+
+    return compute
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage skeleton
 
@@ -749,7 +764,7 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
             loader,
             optimizer,
             scheduler,
-            plan.loss_function,
+            with_precision(plan.loss_function, args.precision, context.device),
             reporter,
             epoch,
             device=context.device,

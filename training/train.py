@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument(
         "--grad-clip", type=float, default=5.0, help="max gradient norm; 0 disables clipping"
     )
+    schedule.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="training forward passes in float32, or autocast to bfloat16 (fast on CPUs with "
+        "AMX or AVX-512 BF16 and on recent GPUs); weights, optimiser, policy gates and losses "
+        "stay float32, and calibration runs in float32",
+    )
 
     budget = parser.add_argument_group("budget (cotrain)")
     budget.add_argument("--alpha", type=float, default=1.0, help="weight of the efficiency loss")
