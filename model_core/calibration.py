@@ -154,7 +154,7 @@ def _calibrate_table(
         achieved.append(float(ratio(best)))
         logger.info(
             "calibrated budget %.3f for tasks %s: offset %.4f, mean FLOPs ratio %.4f "
-            "(%d passes over the images)",
+            "(image passes: %d)",
             budget,
             "all" if tasks is None else ",".join(tasks),
             best,
