@@ -225,7 +225,8 @@ class MultiTaskLoss(nn.Module):
                     f"task {task!r} missing from the model outputs {sorted(outputs)} "
                     f"or the batch {sorted(batch)}"
                 )
-            # Under bfloat16 autocast the heads' outputs are bfloat16; losses stay float32.
+            # Under bfloat16 autocast the heads' outputs are bfloat16, but the losses are
+            # computed in float32.
             output, target = outputs[task].float(), batch[task]
             _check_spatial(task, output, target)
             class_weight = self.class_weights.get(task)

@@ -668,6 +668,7 @@ def provenance(args: argparse.Namespace, data_name: str, commit: str) -> dict[st
             "budget_sampling": args.budget_sampling,
             "budget_split": args.budget_split,
             "class_weights": args.class_weights,
+            "precision": args.precision,
             "setting": args.setting,
             "policy_mode": args.policy_mode,
             "adapt": args.adapt,

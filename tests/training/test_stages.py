@@ -28,6 +28,7 @@ from training.stages import (
     label_class_weights,
     prepare_epoch,
     sample_budget,
+    with_precision,
 )
 from training.train import build_parser, main
 
@@ -364,6 +365,43 @@ def test_cotrain_distils_the_static_model(data_root, batch, tmp_path):
     assert metadata["provenance"]["schedule"]["distill"] == 2
     record = json.loads((tmp_path / "cotrain" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["distill_semseg"] > 0
+
+
+def test_bf16_autocasts_forward_pass_only(data_root, batch, tmp_path):
+    init = fresh_checkpoint(tmp_path / "init.safetensors")
+    args = parse(
+        data_root, tmp_path, "--stage", "cotrain", "--init", str(init), "--precision", "bf16",
+        "--att-epochs", "0", "--finetune-epochs", "1",
+    )  # fmt: skip
+    model, _ = load_checkpoint(init)
+    cpu = torch.device("cpu")
+    plain = prepare_epoch(model, args, 0, DistributedContext())
+    assert with_precision(plain.loss_function, "fp32", cpu) is plain.loss_function
+    # A second plan of the same epoch draws the same budget and gate noise.
+    second = prepare_epoch(model, args, 0, DistributedContext())
+    step = with_precision(second.loss_function, args.precision, cpu)
+    linear = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    dtypes = []
+    handle = linear.register_forward_hook(
+        lambda module, inputs, output: dtypes.append(output.dtype)
+    )
+    try:
+        half = step(model, batch)
+    finally:
+        handle.remove()
+    assert dtypes, "the encoder's first linear layer did not run"
+    assert set(dtypes) == {torch.bfloat16}
+    assert half.loss.dtype == torch.float32
+    assert all(term.dtype == torch.float32 for term in half.terms.values())
+    full = plain.loss_function(model, batch)
+    assert float(half.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=0.05)
+
+    half.loss.backward()
+    for policy in model.policies:
+        for parameter in (policy.block_out.weight, policy.token_out.weight):
+            assert parameter.grad is not None
+            assert parameter.grad.dtype == torch.float32
+            assert float(parameter.grad.abs().sum()) > 0
 
 
 def _cotrain_command(data_root, init, out):
