@@ -605,12 +605,12 @@ class AdaMTL(nn.Module):
         """Turn (R, ..., T) per-task keep logits into the (R, ...) mask of the requested tasks.
 
         Training uses the straight-through Gumbel gate and the differentiable union, and
-        inference the deterministic gate, both with values 0 or 1: float32 in training (also
-        under bfloat16 autocast), the logits' dtype at inference.
+        inference the deterministic gate. Both give values 0 or 1, in float32 in training (also
+        under bfloat16 autocast) and in the logits' dtype at inference.
         """
         if self.training:
-            # float32 even under bfloat16 autocast: bfloat16 would coarsen the noise and the
-            # soft gate that the efficiency loss measures.
+            # float32 even under bfloat16 autocast, because bfloat16 would coarsen the noise
+            # and the soft gate that the efficiency loss measures.
             gates = gumbel_sigmoid_gate(
                 logits.float(), self.config.gumbel_temperature, True, generator
             )
@@ -618,10 +618,11 @@ class AdaMTL(nn.Module):
         return any_task_keeps(logits, tasks).to(logits.dtype)
 
     def _finish_head(self, task: str, out: torch.Tensor) -> torch.Tensor:
-        """Resize a head's output to the input resolution; normals become unit vectors.
+        """Resize a head's output to the input resolution, as float32. Normals become unit
+        vectors.
 
-        Always float32: under bfloat16 autocast (training with --precision bf16) the low
-        resolution output is cast before the resize, not the 64 times larger map after it.
+        Under bfloat16 autocast (training with --precision bf16) the low-resolution output is
+        cast before the resize, not the 64 times larger map after it.
         """
         out = F.interpolate(
             out.float(), size=(self.config.img_size,) * 2, mode="bilinear", align_corners=False

@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("fp32", "bf16"),
         default="fp32",
-        help="training forward passes in float32, or autocast to bfloat16 (fast on CPUs with "
-        "AMX or AVX-512 BF16 and on recent GPUs); weights, optimiser, policy gates and losses "
-        "stay float32, and calibration runs in float32",
+        help="precision of the training forward passes: float32, or bfloat16 autocast (fast on "
+        "CPUs with AMX or AVX-512 BF16 and on recent GPUs). Weights, optimiser, policy gates, "
+        "losses and calibration stay float32",
     )
 
     budget = parser.add_argument_group("budget (cotrain)")
