@@ -90,11 +90,11 @@ case "$PRESET" in
         # static epochs 1.34 times and fine-tuning epochs 1.21 times as fast as float32 there.
         # Calibration steps of 0.1 tracked budget 0.4 only to within 0.024, so the preset
         # keeps the default of 0.05 (within 0.010). People cover a few percent of the pixels,
-        # so the label maps' cross-entropy is class-balanced. A 4-epoch run without it predicted background
-        # everywhere for parts. Budgets drawn near the minimum and 6 fine-tuning epochs took
-        # Delta-m at budget 0.6 from -14.0 % to -3.3 %, and the latency budget split then to
-        # +2.4 % (docs/demo-model.md). --distill 1 cut the content adaptivity (Spearman 0.59
-        # to 0.18), so it stays off here.
+        # so the label maps' cross-entropy is class-balanced. A 4-epoch run without it
+        # predicted background everywhere for parts. Budgets drawn near the minimum and 6
+        # fine-tuning epochs took Delta-m at budget 0.6 from -14.0 % to -3.3 %, and the
+        # latency budget split then to +2.4 % (docs/demo-model.md). --distill 1 cut the
+        # content adaptivity (Spearman 0.59 to 0.18), so it stays off here.
         MODEL=demo DATASET=scenes SIZE=192
         S+=([train-count]=2400 [val-count]=300 [calibration-images]=64 [batch-size]=16
             [workers]=1 [static-epochs]=8 [policy-epochs]=1 [att-epochs]=4 [finetune-epochs]=6
