@@ -18,6 +18,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 __all__ = [
@@ -113,11 +114,15 @@ def _window_attention(
     """Compute softmax(scale * q @ k^T + bias) @ v within each window.
 
     q, k, v: (N, heads, A, hd); bias: (N, heads, A, A), finite or -inf. Returns (N, heads, A,
-    hd), equal to `F.scaled_dot_product_attention(q, k, v, attn_mask=bias)` to float rounding.
-    On a 2-core CPU with windows of 36 tokens, SDPA (its flash-attention kernel) took about
-    three times as long as this, and eight times as long for forward and backward under
-    bfloat16 autocast (docs/benchmarks.md).
+    hd). On the CPU this uses baddbmm, softmax and bmm, except for float32 with gradients,
+    and elsewhere `F.scaled_dot_product_attention`. The two agree to float rounding. On a
+    2-core CPU with windows of 36 tokens, SDPA (its flash-attention kernel) took about three
+    times as long in the forward pass, and eight times as long for forward and backward
+    under bfloat16 autocast. For float32 forward and backward it was faster in the deeper
+    stages (docs/benchmarks.md). Other devices were not measured.
     """
+    if q.device.type != "cpu" or (q.dtype == torch.float32 and q.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     windows, heads, area, head_dim = q.shape
     scores = torch.baddbmm(
         bias.reshape(windows * heads, area, area),

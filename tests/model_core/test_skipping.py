@@ -1,9 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 
 from model_core.skipping import (
     _relative_position_bias,
+    _window_attention,
     run_block_masked,
     run_block_packed,
     window_layout,
@@ -129,3 +131,36 @@ def test_relative_position_bias_equals_timm():
     block = make_block(2)
     torch.nn.init.normal_(block.attn.relative_position_bias_table)
     assert torch.equal(_relative_position_bias(block.attn), block.attn._get_rel_pos_bias())
+
+
+def _attention_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 5, 2, 9, 8, generator=generator).unbind(0)  # (N, heads, A, hd)
+    bias = torch.randn(5, 2, 9, 9, generator=generator)
+    bias[:, :, :, 4:] = float("-inf")  # empty slots: no query attends to keys 4 to 8
+    return tuple(t.to(dtype) for t in (q, k, v, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_attention_equals_sdpa(dtype):
+    q, k, v, bias = _attention_inputs(dtype)
+    with torch.no_grad():
+        explicit = _window_attention(q, k, v, bias, 8**-0.5)
+        reference = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=bias.float()
+        )
+    assert explicit.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(explicit.float(), reference, atol=tolerance, rtol=tolerance)
+
+
+def test_window_attention_bfloat16_gradients_match_sdpa():
+    # bfloat16 inputs with gradients (training under autocast) take the explicit form.
+    q, k, v, bias = _attention_inputs(torch.float32)
+    q_explicit = q.to(torch.bfloat16).requires_grad_()
+    q_reference = q.clone().requires_grad_()
+    explicit = _window_attention(q_explicit, k.bfloat16(), v.bfloat16(), bias.bfloat16(), 8**-0.5)
+    explicit.float().square().sum().backward()
+    F.scaled_dot_product_attention(q_reference, k, v, attn_mask=bias).square().sum().backward()
+    assert q_explicit.grad is not None
+    torch.testing.assert_close(q_explicit.grad.float(), q_reference.grad, atol=5e-2, rtol=5e-2)
