@@ -114,12 +114,13 @@ def _window_attention(
     """Compute softmax(scale * q @ k^T + bias) @ v within each window.
 
     q, k, v: (N, heads, A, hd); bias: (N, heads, A, A), finite or -inf. Returns (N, heads, A,
-    hd). On the CPU this uses baddbmm, softmax and bmm, except for float32 with gradients,
-    and elsewhere `F.scaled_dot_product_attention`. The two agree to float rounding. On a
-    2-core CPU with windows of 36 tokens, SDPA (its flash-attention kernel) took about three
-    times as long in the forward pass, and eight times as long for forward and backward
-    under bfloat16 autocast. For float32 forward and backward it was faster in the deeper
-    stages (docs/benchmarks.md). Other devices were not measured.
+    hd), equal to `F.scaled_dot_product_attention` to float rounding.
+
+    On the CPU this runs baddbmm, softmax and bmm, because on a 2-core CPU with windows of 36
+    tokens SDPA took about three times as long in the forward pass, and eight times as long
+    for forward and backward under bfloat16 autocast (docs/benchmarks.md). Float32 with
+    gradients keeps SDPA, whose backward was faster in the second and third stages. Other
+    devices keep SDPA too, since they were not measured.
     """
     if q.device.type != "cpu" or (q.dtype == torch.float32 and q.requires_grad):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)

@@ -134,10 +134,11 @@ def test_relative_position_bias_equals_timm():
 
 
 def _attention_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Return q, k, v of shape (N, heads, A, hd) and a bias that masks keys 4 to 8."""
     generator = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(3, 5, 2, 9, 8, generator=generator).unbind(0)  # (N, heads, A, hd)
     bias = torch.randn(5, 2, 9, 9, generator=generator)
-    bias[:, :, :, 4:] = float("-inf")  # empty slots: no query attends to keys 4 to 8
+    bias[:, :, :, 4:] = float("-inf")  # empty slots, as in a packed window
     return tuple(t.to(dtype) for t in (q, k, v, bias))
 
 
