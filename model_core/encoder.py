@@ -15,6 +15,7 @@ from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 from torch import nn
 
 from model_core.presets import ModelConfig
+from model_core.skipping import use_exact_shift_mask
 
 __all__ = ["BackboneWeightsError", "SwinEncoder", "load_backbone_weights"]
 
@@ -59,6 +60,7 @@ class SwinEncoder(nn.Module):
         for stage, size in zip(self.layers, self.stage_sizes, strict=True):
             for block in stage.blocks:
                 assert tuple(block.input_resolution) == size, (block.input_resolution, size)
+                use_exact_shift_mask(block)
 
     def output_norm(self, stage_index: int, x: torch.Tensor) -> torch.Tensor:
         """Normalise stage `stage_index`'s (B, H, W, C) output."""

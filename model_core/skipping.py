@@ -24,8 +24,10 @@ from timm.models.swin_transformer import SwinTransformerBlock, window_partition,
 __all__ = [
     "PackedBlockStats",
     "WindowLayout",
+    "exclude_other_regions_exactly",
     "run_block_masked",
     "run_block_packed",
+    "use_exact_shift_mask",
     "window_layout",
 ]
 
@@ -86,12 +88,37 @@ class PackedBlockStats:
     attended_windows: torch.Tensor
 
 
+def exclude_other_regions_exactly(mask: torch.Tensor) -> torch.Tensor:
+    """Return a shifted-window mask with -inf where timm's has -100.
+
+    timm separates the regions that the cyclic shift brings into one window by adding -100 to
+    the attention scores. The softmax then gives those pairs weights near exp(-100), about
+    4e-44: subnormal floats, which x86 CPUs process many times more slowly than normal ones.
+    In the demo model's first shifted block, the product of those weights with the values
+    took about 11 times as long as in the unshifted block before it. Each shifted block took
+    1.7 to 2.1 times as long as with -inf (docs/benchmarks.md). With -inf the weights
+    are exactly 0, and each query still attends to its own region, which includes itself, so
+    no row of the softmax is empty.
+    """
+    return mask.masked_fill(mask < 0, float("-inf"))
+
+
+def use_exact_shift_mask(block: SwinTransformerBlock) -> None:
+    """Replace the stored shift mask of a timm block with `exclude_other_regions_exactly`'s.
+
+    The buffer stays non-persistent, so checkpoints do not change.
+    """
+    if any(block.shift_size) and block.attn_mask is not None:
+        block.attn_mask = exclude_other_regions_exactly(block.attn_mask)
+
+
 def _shift_mask(block: SwinTransformerBlock) -> torch.Tensor | None:
     # timm stores the (num_windows, A, A) shift mask as a buffer, or builds it per call.
     if not any(block.shift_size):
         return None
     if getattr(block, "dynamic_mask", False) or block.attn_mask is None:
-        return block.get_attn_mask(device=block.norm1.weight.device, dtype=block.norm1.weight.dtype)
+        mask = block.get_attn_mask(device=block.norm1.weight.device, dtype=block.norm1.weight.dtype)
+        return exclude_other_regions_exactly(mask)
     return block.attn_mask
 
 

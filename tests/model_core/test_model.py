@@ -274,6 +274,21 @@ def test_every_preset_builds_with_small_policy(name):
     assert model.static_flops(["semseg"]) < model.static_flops()
 
 
+def test_encoder_shift_masks_are_exact():
+    model = make_model()
+    images = make_images(2)
+    shifted = [b for stage in model.encoder.layers for b in stage.blocks if any(b.shift_size)]
+    assert shifted
+    with torch.no_grad():
+        exact = model(images, 1.0).outputs
+        for block in shifted:
+            assert set(block.attn_mask.unique().tolist()) == {0.0, float("-inf")}
+            block.attn_mask = block.get_attn_mask()  # timm's own mask, -100 across regions
+        with_timm_masks = model(images, 1.0).outputs
+    for task, output in exact.items():
+        torch.testing.assert_close(output, with_timm_masks[task], atol=1e-5, rtol=1e-5)
+
+
 def test_swin_t_encoder_flops_match_swin_paper():
     model = AdaMTL(get_preset("swin-t"))
     # The Swin-T classifier costs 4.5 GMACs at 224 px; the encoder here drops only its head.

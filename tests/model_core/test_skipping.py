@@ -6,8 +6,10 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from model_core.skipping import (
     _relative_position_bias,
     _window_attention,
+    exclude_other_regions_exactly,
     run_block_masked,
     run_block_packed,
+    use_exact_shift_mask,
     window_layout,
 )
 
@@ -90,6 +92,39 @@ def test_masked_path_passes_gradient_to_mask():
     run_block_masked(block, x, mask).square().sum().backward()
     assert mask.grad is not None
     assert mask.grad.abs().sum() > 0
+
+
+def test_exact_shift_mask_no_subnormal_weights():
+    block = make_block(2)
+    timm_mask = block.attn_mask.clone()  # (windows, A, A), 0 or -100
+    scores = 0.1 * torch.randn(timm_mask.shape, generator=torch.Generator().manual_seed(2))
+    tiny = torch.finfo(torch.float32).tiny
+
+    def smallest_weight(mask):
+        weights = (scores + mask).softmax(-1)
+        return float(weights[weights != 0].min())
+
+    # timm's -100 leaves weights near exp(-100), below the smallest normal float.
+    assert smallest_weight(timm_mask) < tiny
+    exact = exclude_other_regions_exactly(timm_mask)
+    assert smallest_weight(exact) >= tiny
+    assert set(exact.unique().tolist()) == {0.0, float("-inf")}
+    # Every query keeps its own region, so no row of the softmax is empty.
+    assert bool((exact.diagonal(dim1=1, dim2=2) == 0).all())
+
+
+def test_exact_shift_mask_keeps_output():
+    block = make_block(2)
+    x = torch.randn(2, 8, 8, 16)
+    keep = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) < 0.7
+    with torch.no_grad():
+        dense, packed = block(x), run_block_packed(block, x, keep)[0]
+        use_exact_shift_mask(block)
+        assert torch.isinf(block.attn_mask).any()
+        assert "attn_mask" not in block.state_dict()
+        torch.testing.assert_close(block(x), dense, atol=1e-6, rtol=1e-6)
+        exact_packed = run_block_packed(block, x, keep)[0]
+    torch.testing.assert_close(exact_packed, packed, atol=1e-6, rtol=1e-6)
 
 
 def test_window_layout_matches_timm_partition():
