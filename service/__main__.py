@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from service.settings import Settings, format_settings_error
+from service.settings import Settings, format_settings_error, unknown_setting_variables
 
 logger = logging.getLogger("service")
 
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in vars(args).items()
         if value is not None and key in Settings.model_fields
     }
+    unknown = unknown_setting_variables(os.environ)
+    if unknown:
+        print("\n".join(["invalid service settings:", *unknown]), file=sys.stderr)
+        return 2
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:

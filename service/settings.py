@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.memory import MIN_INTERVAL_S
 
 DEFAULT_CHECKPOINT = Path("checkpoints/demo.safetensors")
+ENV_PREFIX = "ADAMTL_"
 
 
 class Settings(BaseSettings):
@@ -20,7 +23,7 @@ class Settings(BaseSettings):
     example `ADAMTL_MAX_BATCH_SIZE=16`. Command-line flags of `python -m service` override them.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ADAMTL_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     # Model.
     checkpoint: Path = Field(
@@ -124,9 +127,28 @@ def format_settings_error(error: ValidationError) -> str:
     lines = ["invalid service settings:"]
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"])
+        # pydantic prefixes the messages of ValueErrors raised by validators.
+        message = item["msg"].removeprefix("Value error, ")
         if field:
-            name = f"ADAMTL_{field.upper()}"
-            lines.append(f"  {name}={item.get('input')!r}: {item['msg']}")
+            name = f"{ENV_PREFIX}{field.upper()}"
+            lines.append(f"  {name}={item.get('input')!r}: {message}")
         else:
-            lines.append(f"  {item['msg']}")
+            lines.append(f"  {message}")
     return "\n".join(lines)
+
+
+def unknown_setting_variables(environ: Mapping[str, str]) -> list[str]:
+    """Return one message per `ADAMTL_` variable in `environ` that names no setting.
+
+    pydantic-settings ignores such variables, so a misspelled name would leave its setting at
+    the default without any sign.
+    """
+    valid = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
+    messages = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in valid:
+            continue
+        close = difflib.get_close_matches(name.upper(), valid, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        messages.append(f"  {name}: unknown setting; {hint}docs/service.md lists the settings")
+    return messages

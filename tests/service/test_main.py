@@ -70,6 +70,20 @@ def test_bad_setting_fails_start(tmp_path):
     assert "valid integer" in result.stderr
 
 
+def test_unknown_setting_fails_start():
+    result = run_service([], service_env(ADAMTL_MAX_BATCH="2"))
+    assert result.returncode == 2
+    assert "ADAMTL_MAX_BATCH: unknown setting" in result.stderr
+    assert "did you mean ADAMTL_MAX_BATCH_SIZE?" in result.stderr
+
+
+def test_cross_field_error_names_variable():
+    result = run_service([], service_env(ADAMTL_MAX_QUEUE_SIZE="2"))
+    assert result.returncode == 2
+    assert "Value error" not in result.stderr
+    assert "  max_queue_size (2) is smaller than max_batch_size (8)" in result.stderr
+
+
 def test_missing_checkpoint_fails_start(tmp_path):
     missing = tmp_path / "absent.safetensors"
     result = run_service(["--checkpoint", str(missing)], service_env())
