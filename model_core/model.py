@@ -30,6 +30,11 @@ from model_core.skipping import run_block_masked, run_block_packed, window_layou
 
 __all__ = ["AdaMTL", "ExecutionStats", "InvalidRequestError", "ModelOutput", "TaskRequest"]
 
+# At inference, an image that keeps at least this share of a block's tokens computes all of
+# them. Packing cost 1.03 to 1.14 times the dense block at shares of 0.95 to 0.99
+# (docs/benchmarks.md), while the last 2 % of the tokens hold 2 % of the block's FLOPs.
+FULL_BLOCK_SHARE = 0.98
+
 # A request for tasks: None (all), names for the whole batch, or one list of names per image.
 TaskRequest = Sequence[str] | Sequence[Sequence[str]] | None
 
@@ -145,6 +150,9 @@ class AdaMTL(nn.Module):
         # Budget to gate offset tables, filled by model_core.calibration.calibrate: "budgets"
         # and "offsets" for all tasks, and optionally "task_sets" with one table per subset.
         self.calibration: dict | None = None
+        # At inference, an image whose token policy keeps at least this share of a running
+        # block's tokens computes all of them (see `forward`).
+        self.full_block_share = FULL_BLOCK_SHARE
         self._static_costs = self._compute_static_costs()
 
     # ----------------------------------------------------------------------------------------
@@ -408,6 +416,13 @@ class AdaMTL(nn.Module):
             # their arithmetic at batch 1.
             stage_keep = stage_blocks.view(batch, depth, 1, 1) * stage_tokens
             stage_keep_bool = stage_keep.detach() > 0.5
+            if not self.training and self.full_block_share <= 1.0:
+                # Packing costs more than the dense block when it drops only a few tokens, so
+                # a block that keeps nearly all of an image's tokens computes them all. The
+                # masks, statistics and FLOPs then describe the full block.
+                full_count = math.ceil(self.full_block_share * height * width)
+                full = stage_keep_bool.sum(dim=(2, 3)) >= full_count  # (B, depth)
+                stage_keep_bool = stage_keep_bool | full.view(batch, depth, 1, 1)
             # Blocks that no image of the batch runs are not entered at all.
             block_runs = [True] * depth if self.training else (stage_blocks.amax(0) > 0.5).tolist()
             for depth_index, block in enumerate(stage.blocks):

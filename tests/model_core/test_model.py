@@ -120,6 +120,37 @@ def test_reported_flops_match_counted_flops_with_task_subsets(calibrated_model):
     assert out.stats.flops.sum().item() == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
 
 
+def test_nearly_full_blocks_compute_every_token():
+    model = make_model()
+    images = make_images(3, seed=8)
+    with torch.no_grad():
+        model.full_block_share = 1.01  # never round up
+        policy = model(images, 0.5, return_masks=True)
+        model.full_block_share = 0.6
+        rounded = model(images, 0.5, return_masks=True)
+        with FlopCounterMode(display=False, custom_mapping=_CUSTOM_FORMULAS) as counter:
+            model(images, 0.5)
+    # The first stage's inputs do not depend on the rule, so its policy masks are the same.
+    first_stage = model.config.depths[0]
+    changed = 0
+    before_masks = policy.stats.keep_masks[:first_stage]
+    after_masks = rounded.stats.keep_masks[:first_stage]
+    for block, (before, after) in enumerate(zip(before_masks, after_masks, strict=True)):
+        for image in range(3):
+            share = before[image].float().mean().item()
+            if share >= 0.6:
+                assert bool(after[image].all()), (block, image)
+                changed += int(share < 1.0)
+            else:
+                assert torch.equal(after[image], before[image]), (block, image)
+    assert changed > 0
+    executed = rounded.stats.executed_token_ratio
+    assert bool(((executed < 0.6) | (executed == 1.0)).all())
+    assert bool((rounded.stats.flops > policy.stats.flops).any())
+    counted_macs = counter.get_total_flops() / 2
+    assert rounded.stats.flops.sum().item() == pytest.approx(counted_macs, rel=0.01)
+
+
 def _policy_counted_macs(counter: FlopCounterMode, stage: int) -> float:
     prefix = f"AdaMTL.policies.{stage}."
     counts = counter.get_flop_counts()
