@@ -57,7 +57,11 @@ class Settings(BaseSettings):
         "info", description="Level of the service's log lines."
     )
     drain_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Seconds to finish queued requests after SIGTERM."
+        30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds to finish queued requests after SIGTERM.",
     )
 
     # Micro-batching.
@@ -68,13 +72,18 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         le=10_000,
+        allow_inf_nan=False,
         description="Milliseconds a batch waits to fill after its first image.",
     )
     max_queue_size: int = Field(
         64, ge=1, le=100_000, description="Requests admitted (queued or running) before 503."
     )
     request_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Seconds from admission until a request fails with 504."
+        30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds from admission until a request fails with 504.",
     )
 
     # Input limits.
@@ -82,6 +91,7 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         le=3600,
+        allow_inf_nan=False,
         description="Seconds a client may take to send the request body before 408.",
     )
     max_upload_bytes: int = Field(

@@ -70,6 +70,28 @@ def test_bad_setting_fails_start(tmp_path):
     assert "valid integer" in result.stderr
 
 
+FLOAT_SETTINGS = [
+    name for name, field in Settings.model_fields.items() if field.annotation is float
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_float_setting_rejects_non_finite(monkeypatch, name, value):
+    monkeypatch.setenv(f"ADAMTL_{name.upper()}", value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = format_settings_error(error.value)
+    assert f"ADAMTL_{name.upper()}='{value}'" in message
+    assert "Input should be a finite number" in message
+
+
+def test_nan_timeout_fails_start():
+    result = run_service([], service_env(ADAMTL_REQUEST_TIMEOUT_S="nan"))
+    assert result.returncode == 2
+    assert "ADAMTL_REQUEST_TIMEOUT_S='nan': Input should be a finite number" in result.stderr
+
+
 def test_unknown_setting_fails_start():
     result = run_service([], service_env(ADAMTL_MAX_BATCH="2"))
     assert result.returncode == 2
