@@ -10,7 +10,7 @@ from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
@@ -127,6 +127,28 @@ def parse_tasks(raw: str | None, available: tuple[str, ...]) -> list[str]:
             f"unknown task {shown}{more}: pass a comma-separated subset of {','.join(available)}",
         )
     return [task for task in available if task in unique]
+
+
+# Query parameters of /predict. FastAPI keeps only the last value of a repeated one.
+_PREDICT_PARAMETERS = ("budget", "tasks")
+
+
+def reject_repeated_parameters(request: Request) -> None:
+    """Raise 422 `invalid_parameter` when a query parameter of /predict is given more than once.
+
+    Without this check `budget=0.5&budget=0.9` would run at 0.9, and `tasks=semseg&tasks=normals`
+    would predict only the normals, with no sign that a value was dropped.
+    """
+    for name in _PREDICT_PARAMETERS:
+        count = len(request.query_params.getlist(name))
+        if count < 2:
+            continue
+        fix = "give it once"
+        if name == "tasks":
+            fix += ", with the tasks as one comma-separated list, e.g. tasks=semseg,normals"
+        raise ServiceError(
+            422, "invalid_parameter", f"query parameter {name!r} is given {count} times: {fix}"
+        )
 
 
 async def _read_limited(
@@ -435,6 +457,7 @@ def _client_gone() -> ServiceError:
     responses=_PREDICT_ERRORS,
     openapi_extra={"requestBody": _PREDICT_REQUEST_BODY},
     tags=["inference"],
+    dependencies=[Depends(reject_repeated_parameters)],
 )
 async def predict(
     request: Request,

@@ -133,6 +133,27 @@ BAD_INPUTS = [
         "finite",
     ),
     (
+        "repeated budget",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?budget=0.5&budget=0.9"),
+        422,
+        "invalid_parameter",
+        "'budget' is given 2 times: give it once",
+    ),
+    (
+        "repeated tasks",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?tasks=semseg&tasks=normals"),
+        422,
+        "invalid_parameter",
+        "'tasks' is given 2 times: give it once, with the tasks as one comma-separated list",
+    ),
+    (
+        "repeated invalid budget",
+        lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?budget=half&budget=0.5"),
+        422,
+        "invalid_parameter",
+        "'budget' is given 2 times",
+    ),
+    (
         "unknown task",
         lambda c, p: post_raw(c, p["chelsea.png"], "image/png", "?tasks=semseg,depth"),
         422,
