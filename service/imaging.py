@@ -118,6 +118,13 @@ def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> 
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image is too large: {exc}") from exc
     except UnidentifiedImageError as exc:
+        failure = _header_failure(data)
+        if failure is not None:
+            image_format, reason = failure
+            raise InvalidImageError(
+                f"the {image_format} image header could not be read ({reason}): check that the "
+                "file is complete and not corrupted"
+            ) from exc
         raise UnsupportedImageError(
             f"the upload is not a supported image: send one of {', '.join(SUPPORTED_FORMATS)}"
         ) from exc
@@ -152,6 +159,32 @@ def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> 
             f"the {image.format} image could not be decoded ({exc}): check that the file "
             "is complete"
         ) from exc
+
+
+def _header_failure(data: bytes) -> tuple[str, str] | None:
+    """Find the supported format whose signature `data` starts with, and why its header fails.
+
+    Pillow's `Image.open` raises UnidentifiedImageError both for unknown data and for a file
+    whose plugin recognises the signature but fails on the header, such as a PNG cut off before
+    its first IDAT chunk or with a bad chunk CRC. It drops the plugin's error, so the plugin
+    opens the header again here to report it. Returns (format, error) or None for unknown data.
+    """
+    Image.init()
+    prefix = data[:16]  # what Image.open passes to each plugin's signature check
+    for image_format in SUPPORTED_FORMATS:
+        factory, accept = Image.OPEN.get(image_format, (None, None))
+        if factory is None or accept is None:
+            continue
+        recognised = accept(prefix)
+        # The WebP plugin returns a string when Pillow was built without WebP: that stays 415.
+        if isinstance(recognised, str) or not recognised:
+            continue
+        try:
+            factory(io.BytesIO(data), "")
+        except Exception as exc:  # noqa: BLE001  # any error here describes the bad header
+            return image_format, str(exc) or type(exc).__name__
+        return image_format, "Pillow could not identify it"
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 
 def _save(image: Image.Image, fmt: str, **params) -> bytes:
@@ -81,3 +81,23 @@ def png_header(width: int, height: int) -> bytes:
 
 def resized_jpeg(photo: bytes, width: int, height: int) -> bytes:
     return _save(open_rgb(photo).resize((width, height)), "JPEG", quality=85)
+
+
+def _png_with_text(photo: bytes) -> bytes:
+    """The photo as a PNG with a tEXt chunk before its image data."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "a test comment")
+    return _save(open_rgb(photo), "PNG", pnginfo=info)
+
+
+def png_cut_before_idat(photo: bytes) -> bytes:
+    """The photo's PNG file cut off right before its first IDAT chunk."""
+    data = _png_with_text(photo)
+    return data[: data.index(b"IDAT") - 4]  # the chunk starts with its 4-byte length
+
+
+def png_bad_text_crc(photo: bytes) -> bytes:
+    """The photo's PNG file with one byte of its tEXt chunk changed, so the chunk's CRC fails."""
+    data = bytearray(_png_with_text(photo))
+    data[data.index(b"tEXt") + 6] ^= 0x01
+    return bytes(data)

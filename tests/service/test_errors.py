@@ -70,6 +70,20 @@ BAD_INPUTS = [
         "JPEG",
     ),
     (
+        "png cut before idat",
+        lambda c, p: post_raw(c, samples.png_cut_before_idat(p["chelsea.png"]), "image/png"),
+        400,
+        "invalid_image",
+        "PNG image header could not be read",
+    ),
+    (
+        "png with bad chunk crc",
+        lambda c, p: post_raw(c, samples.png_bad_text_crc(p["chelsea.png"]), "image/png"),
+        400,
+        "invalid_image",
+        "bad header checksum",
+    ),
+    (
         "text file as image",
         lambda c, p: c.post("/predict", files={"image": ("notes.txt", b"just some text\n")}),
         415,

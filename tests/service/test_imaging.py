@@ -106,6 +106,22 @@ def test_decode_rejects_truncated_jpeg(cat):
         imaging.decode_image(samples.truncated_jpeg(cat), LIMIT)
 
 
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (samples.png_cut_before_idat, "PNG image header could not be read"),
+        (samples.png_bad_text_crc, "bad header checksum in b'tEXt'"),
+        (lambda photo: photo[:8], "PNG image header could not be read"),
+    ],
+    ids=["cut before IDAT", "bad tEXt CRC", "signature only"],
+)
+def test_decode_corrupt_png_is_invalid(cat, damage, reason):
+    with pytest.raises(imaging.InvalidImageError, match=reason) as error:
+        imaging.decode_image(damage(cat), LIMIT)
+    assert error.value.status_code == 400
+    assert error.value.error_type == "invalid_image"
+
+
 @pytest.mark.parametrize("data", [b"hello, world\n", b"%PDF-1.7\n", b"\x00" * 64])
 def test_decode_rejects_non_images(data):
     with pytest.raises(imaging.UnsupportedImageError):
