@@ -17,12 +17,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model_core.model import AdaMTL
-from model_core.presets import ModelConfig
+from model_core.presets import TASKS, ModelConfig
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "read_metadata", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "MAX_CLASSES",
+    "CheckpointError",
+    "load_checkpoint",
+    "read_metadata",
+    "save_checkpoint",
+]
 
 FORMAT = "adamtl/1"
 _METADATA_KEY = "adamtl"
+
+# Maximum number of classes per task. `Predictor` returns label maps as uint8 and the service
+# encodes them as 8-bit palette PNGs, so class indices must fit in 0..255.
+# NOTE: training targets mark unlabelled pixels with IGNORE_INDEX (255), so the training
+# recipe cannot learn a class at index 255. Trained models have at most 255 usable classes.
+MAX_CLASSES = 256
 
 
 class CheckpointError(ValueError):
@@ -97,10 +110,13 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: naming the file and the problem (missing, truncated, corrupt,
-            unknown format, invalid configuration, missing, unexpected or mismatched tensors).
+            unknown format, invalid configuration or metadata field, more than MAX_CLASSES
+            classes in a task, missing or unexpected tensors, tensors of the wrong shape,
+            NaN or infinite values).
     """
     path = Path(path)
     metadata = read_metadata(path)
+    _validate_config_metadata(path, metadata)
     try:
         for flag in ("adapt_blocks", "adapt_tokens"):
             if not isinstance(metadata.get(flag, True), bool):
@@ -175,3 +191,96 @@ def _valid_calibration(table: Any) -> bool:
         return False
     task_sets = table.get("task_sets") or {}
     return isinstance(task_sets, dict) and all(_valid_table(t) for t in task_sets.values())
+
+
+def _validate_config_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Raise CheckpointError unless the JSON types of the metadata field "config" are valid.
+
+    Checks what `ModelConfig.from_dict` would convert silently or fail on with a bare Python
+    error: "config" must be an object, "tasks" a list of distinct names, and "classes" an
+    object that maps each task to a list of 2 to MAX_CLASSES distinct, non-empty strings.
+    `ModelConfig` checks the values themselves (known tasks, sizes, class lists per task).
+    The error names the file and the field.
+    """
+    if "config" not in metadata:
+        raise _field_error(
+            path,
+            "config",
+            "is missing, but it must contain the model configuration as an object, as "
+            "save_checkpoint writes it",
+        )
+    config = metadata["config"]
+    if not isinstance(config, dict):
+        raise _field_error(
+            path,
+            "config",
+            "must be an object with the model configuration, as save_checkpoint writes it, "
+            f"got {_describe(config)}",
+        )
+
+    if "tasks" in config:
+        _validate_names(path, "config.tasks", config["tasks"], f"task names from {list(TASKS)}")
+
+    if "classes" not in config:
+        return
+    classes = config["classes"]
+    if not isinstance(classes, dict):
+        raise _field_error(
+            path,
+            "config.classes",
+            "must be an object that maps task names to class lists, such as "
+            f'{{"semseg": ["floor", "wall"]}}, got {_describe(classes)}',
+        )
+    for task, names in classes.items():
+        field = f"config.classes.{task}"
+        _validate_names(path, field, names, "class names")
+        if len(names) < 2:
+            raise _field_error(
+                path, field, f"must list at least 2 class names for task {task!r}, got 1"
+            )
+        if len(names) > MAX_CLASSES:
+            raise _field_error(
+                path,
+                field,
+                f"lists {len(names)} classes for task {task!r}, but at most {MAX_CLASSES} "
+                "classes are supported because label maps are uint8 and the service writes "
+                "8-bit palette PNGs",
+            )
+
+
+def _validate_names(path: Path, field: str, names: Any, kind: str) -> None:
+    """Raise CheckpointError unless `names` is a non-empty list of distinct, non-empty strings.
+
+    `kind` names the items in the message, such as "class names".
+    """
+    requirement = f"must be a non-empty list of distinct {kind} (non-empty strings)"
+    if not isinstance(names, list):
+        raise _field_error(path, field, f"{requirement}, got {_describe(names)}")
+    if not names:
+        raise _field_error(path, field, f"{requirement}, got an empty list")
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise _field_error(path, field, f"{requirement}, but item {index} is {_describe(name)}")
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise _field_error(path, field, f"{requirement}, but {name!r} appears more than once")
+        seen.add(name)
+
+
+def _field_error(path: Path, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} has an invalid model configuration: metadata field '{field}' {problem}"
+    )
+
+
+def _describe(value: Any) -> str:
+    """Describe a JSON value for an error message, such as "the string 'abc'" or "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    text = json.dumps(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"the {type(value).__name__} {text}"

@@ -9,12 +9,18 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformer
 
 from model_core.calibration import calibrate, mean_flops_ratio
-from model_core.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from model_core.checkpoint import (
+    MAX_CLASSES,
+    CheckpointError,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from model_core.encoder import BackboneWeightsError, load_backbone_weights
 from model_core.model import AdaMTL
 from model_core.predictor import InvalidRequestError, Predictor
-from model_core.presets import TASKS, get_preset
-from tests.model_core.conftest import make_images, make_model
+from model_core.presets import HUMAN_PARTS_CLASSES, TASKS, get_preset
+from tests.model_core.conftest import make_images, make_model, with_metadata
 
 
 def test_checkpoint_round_trip(tmp_path, calibrated_model):
@@ -96,6 +102,141 @@ def test_invalid_configuration_is_reported(tmp_path):
     save_file(state, str(path), metadata={"adamtl": json.dumps(metadata)})
     with pytest.raises(CheckpointError, match="invalid model configuration.*invalid tasks"):
         load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
+    save_checkpoint(make_model(), path)
+    return path.read_bytes()
+
+
+def _set_classes(task: str, names):
+    def change(metadata):
+        metadata["config"]["classes"][task] = names
+
+    return change
+
+
+def _set_config(key: str, value):
+    def change(metadata):
+        metadata["config"][key] = value
+
+    return change
+
+
+# (change to the metadata, field the message must name, part of the message)
+INVALID_METADATA = {
+    "300 classes": (
+        _set_classes("semseg", [f"class{i}" for i in range(300)]),
+        "config.classes.semseg",
+        "lists 300 classes for task 'semseg', but at most 256 classes are supported",
+    ),
+    "class names not strings": (
+        _set_classes("semseg", list(range(9))),
+        "config.classes.semseg",
+        "item 0 is the int 0",
+    ),
+    "class list a string": (
+        _set_classes("semseg", "abcdefghi"),
+        "config.classes.semseg",
+        "got the string 'abcdefghi'",
+    ),
+    "empty class list": (
+        _set_classes("human_parts", []),
+        "config.classes.human_parts",
+        "got an empty list",
+    ),
+    "one class": (
+        _set_classes("semseg", ["floor"]),
+        "config.classes.semseg",
+        "at least 2 class names for task 'semseg', got 1",
+    ),
+    "empty class name": (
+        _set_classes("semseg", ["floor", ""]),
+        "config.classes.semseg",
+        "item 1 is the string ''",
+    ),
+    "duplicate class names": (
+        _set_classes("semseg", ["floor", "wall", "floor"]),
+        "config.classes.semseg",
+        "'floor' appears more than once",
+    ),
+    "config null": (
+        lambda metadata: metadata.update(config=None),
+        "config",
+        "must be an object with the model configuration, as save_checkpoint writes it, got null",
+    ),
+    "config missing": (
+        lambda metadata: metadata.pop("config"),
+        "config",
+        "is missing",
+    ),
+    "classes a list": (
+        _set_config("classes", []),
+        "config.classes",
+        "must be an object that maps task names to class lists",
+    ),
+    "duplicate tasks": (
+        _set_config("tasks", ["saliency", "semseg", "normals", "semseg"]),
+        "config.tasks",
+        "'semseg' appears more than once",
+    ),
+    "tasks a string": (
+        _set_config("tasks", "semseg"),
+        "config.tasks",
+        "got the string 'semseg'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_METADATA))
+def test_invalid_metadata_field_is_reported(checkpoint_bytes, tmp_path, case):
+    change, field, problem = INVALID_METADATA[case]
+    path = tmp_path / "invalid.safetensors"
+    path.write_bytes(with_metadata(checkpoint_bytes, change))
+
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+
+    message = str(raised.value)
+    assert f"checkpoint {path} has an invalid model configuration" in message
+    assert f"metadata field '{field}'" in message
+    assert problem in message
+
+
+def _semseg_classes(count: int) -> dict[str, tuple[str, ...]]:
+    names = tuple(f"class{i}" for i in range(count))
+    return {"human_parts": HUMAN_PARTS_CLASSES, "semseg": names}
+
+
+def test_too_many_classes_rejected_on_load(tmp_path):
+    model = make_model(classes=_semseg_classes(MAX_CLASSES + 1))
+    path = save_checkpoint(model, tmp_path / "wide.safetensors")
+
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+
+    message = str(raised.value)
+    assert str(path) in message
+    assert "metadata field 'config.classes.semseg'" in message
+    assert f"lists {MAX_CLASSES + 1} classes" in message
+
+
+def test_max_classes_predicts_last_label(tmp_path):
+    model = make_model(classes=_semseg_classes(MAX_CLASSES))
+    with torch.no_grad():
+        # Make the last class win at every pixel, so the label map must contain index 255.
+        model.heads["semseg"].decoder[1].bias[MAX_CLASSES - 1] = 1000.0
+    path = save_checkpoint(model, tmp_path / "widest.safetensors")
+
+    predictor = Predictor(load_checkpoint(path)[0])
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    (result,) = predictor.predict([image], 1.0, ["semseg"])
+
+    assert len(predictor.classes["semseg"]) == MAX_CLASSES
+    assert result.maps["semseg"].dtype == np.uint8
+    assert (result.maps["semseg"] == MAX_CLASSES - 1).all()
 
 
 def test_calibration_matches_budget_on_its_images():
