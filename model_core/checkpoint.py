@@ -111,8 +111,8 @@ def load_checkpoint(
     Raises:
         CheckpointError: naming the file and the problem (missing, truncated, corrupt,
             unknown format, invalid configuration or metadata field, more than MAX_CLASSES
-            classes in a task, missing or unexpected tensors, tensors of the wrong shape,
-            NaN or infinite values).
+            classes in a task, missing or unexpected tensors, tensors of the wrong shape or
+            dtype, NaN or infinite values).
     """
     path = Path(path)
     metadata = read_metadata(path)
@@ -157,6 +157,7 @@ def load_checkpoint(
     ]
     if mismatched:
         raise CheckpointError(f"checkpoint {path} has tensors of the wrong shape: {mismatched[:8]}")
+    _match_dtypes(path, state, expected)
     not_finite = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
     if not_finite:
         raise CheckpointError(f"checkpoint {path} has NaN or infinite values in {not_finite[:8]}")
@@ -191,6 +192,36 @@ def _valid_calibration(table: Any) -> bool:
         return False
     task_sets = table.get("task_sets") or {}
     return isinstance(task_sets, dict) and all(_valid_table(t) for t in task_sets.values())
+
+
+def _match_dtypes(
+    path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> None:
+    """Cast floating-point tensors of `state` to the model's dtype and reject other mismatches.
+
+    Float16, bfloat16 and float64 are cast to the model's float32, as `load_state_dict` does.
+    The 16-bit types widen exactly, which allows half-size exports. A float64 value too large
+    for float32 becomes infinite, which the finite check after this one rejects. Integer
+    values in a float weight mean a quantised or corrupt export, and integer buffers (such as
+    BatchNorm's `num_batches_tracked`) are counts, so any mismatch involving an integer or bool
+    dtype is rejected. `save_checkpoint` writes the model's own dtypes.
+    """
+    wrong = []
+    for name, tensor in state.items():
+        dtype = expected[name].dtype
+        if tensor.dtype == dtype:
+            continue
+        if tensor.is_floating_point() and dtype.is_floating_point:
+            state[name] = tensor.to(dtype)
+        else:
+            wrong.append(f"{name} {tensor.dtype} != {dtype}")
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {path} has tensors of the wrong dtype: {wrong[:8]}. An integer tensor "
+            "must have the model's dtype exactly, and a floating-point parameter must be stored "
+            "as a floating-point dtype (float16, bfloat16, float32 or float64), which is then "
+            "cast to the model's"
+        )
 
 
 def _validate_config_metadata(path: Path, metadata: dict[str, Any]) -> None:

@@ -239,6 +239,70 @@ def test_max_classes_predicts_last_label(tmp_path):
     assert (result.maps["semseg"] == MAX_CLASSES - 1).all()
 
 
+def _save_state(path, model: AdaMTL, state: dict[str, torch.Tensor]) -> None:
+    """Write `state` with the metadata of `model`, as an export with other dtypes would."""
+    metadata = {"format": "adamtl/1", "config": model.config.to_dict()}
+    save_file(state, str(path), metadata={"adamtl": json.dumps(metadata)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_float_dtypes_are_cast_on_load(tmp_path, dtype):
+    model = make_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    name = "heads.semseg.decoder.1.weight"
+    state[name] = state[name].to(dtype)
+    path = tmp_path / "cast.safetensors"
+    _save_state(path, model, state)
+
+    loaded, _ = load_checkpoint(path)
+
+    weight = loaded.state_dict()[name]
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, state[name].to(torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("heads.semseg.decoder.1.weight", torch.int32),
+        ("heads.semseg.decoder.1.weight", torch.bool),
+        ("heads.semseg.fuse.1.num_batches_tracked", torch.int32),
+        ("heads.semseg.fuse.1.num_batches_tracked", torch.float32),
+    ],
+    ids=["int32 weight", "bool weight", "int32 counter", "float32 counter"],
+)
+def test_wrong_dtypes_are_reported(tmp_path, name, dtype):
+    model = make_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state[name] = state[name].to(dtype)
+    path = tmp_path / "dtype.safetensors"
+    _save_state(path, model, state)
+
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+
+    message = str(raised.value)
+    assert f"checkpoint {path} has tensors of the wrong dtype" in message
+    assert f"{name} {dtype} != {model.state_dict()[name].dtype}" in message
+
+
+def test_float64_overflow_is_reported(tmp_path):
+    model = make_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    name = "heads.semseg.decoder.1.weight"
+    state[name] = state[name].to(torch.float64)
+    state[name][0, 0, 0, 0] = 1e300
+    path = tmp_path / "overflow.safetensors"
+    _save_state(path, model, state)
+
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+
+    message = str(raised.value)
+    assert f"checkpoint {path} has NaN or infinite values" in message
+    assert name in message
+
+
 def test_calibration_matches_budget_on_its_images():
     model = make_model(seed=4)
     images = make_images(8, seed=8)
