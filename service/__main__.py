@@ -13,6 +13,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from service.server import ListenError, bind_sockets
 from service.settings import Settings, format_settings_error, unknown_setting_variables
 
 logger = logging.getLogger("service")
@@ -79,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 1
 
+    # Bound before the app's start-up, so that a port in use fails here with one clear message,
+    # before the warm-up and the "ready" log line. uvicorn listens once the start-up has ended.
+    try:
+        sockets = bind_sockets(settings.host, settings.port)
+    except ListenError as exc:
+        logger.error("%s", exc)
+        return 1
+
     app = create_app(settings, predictor)
     state = app.state.service
 
@@ -102,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             self._loop = asyncio.get_running_loop()
             await super().startup(sockets=sockets)
+            # uvicorn logs its own "running on" line only for sockets it binds itself.
+            for sock in sockets or []:
+                host, port = sock.getsockname()[:2]
+                if sock.family == socket.AF_INET6:
+                    host = f"[{host}]"
+                logger.info("listening on http://%s:%d", host, port)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # uvicorn installs this with signal.signal, so it runs on the main thread between
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = DrainingServer(config)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         # uvicorn re-raises a captured SIGINT after its shutdown, as uvicorn.run expects.
         pass

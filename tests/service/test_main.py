@@ -123,6 +123,21 @@ def test_corrupt_checkpoint_fails_start(tmp_path):
     assert str(corrupt) in result.stderr
 
 
+def test_port_in_use_fails_before_ready(checkpoint_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_service(
+            ["--port", str(port), "--checkpoint", str(checkpoint_path)],
+            service_env(ADAMTL_HOST="127.0.0.1"),
+        )
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in result.stderr
+    assert "choose another port with --port or ADAMTL_PORT" in result.stderr
+    assert "ready after" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @contextmanager
 def running_service(checkpoint: Path, **variables: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """Run `python -m service` on a free port of 127.0.0.1; yield the process and URL.
