@@ -13,7 +13,15 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from service.server import ListenError, bind_sockets
+from service.server import (
+    ACCEPT_ERROR_LOG_INTERVAL_S,
+    ACCEPT_ERROR_MESSAGE,
+    HeaderTimeoutProtocol,
+    ListenError,
+    RepeatedMessageFilter,
+    bind_sockets,
+    raise_open_file_limit,
+)
 from service.settings import Settings, format_settings_error, unknown_setting_variables
 
 logger = logging.getLogger("service")
@@ -70,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     # asyncio its event loop at debug level, which would bury them.
     for library in ("PIL", "asyncio"):
         logging.getLogger(library).setLevel(max(logging.INFO, logging.getLogger().level))
+    # Without file descriptors left, asyncio logs each failed accept() with a traceback, which
+    # came to about 9,000 lines a second with Python 3.11 on 2 cores. One per interval passes.
+    logging.getLogger("asyncio").addFilter(
+        RepeatedMessageFilter(ACCEPT_ERROR_MESSAGE, ACCEPT_ERROR_LOG_INTERVAL_S)
+    )
+    raise_open_file_limit()
     import uvicorn
 
     from service.app import StartupError, create_app, load_predictor
@@ -158,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_config=None,  # keep the logging set up above
         access_log=False,  # the service logs one line per request itself
+        http=HeaderTimeoutProtocol.with_header_timeout(settings.header_timeout_s),
         # The drain has already given requests ADAMTL_DRAIN_TIMEOUT_S, so this only flushes.
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
     )

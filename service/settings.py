@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Level of the service's log lines."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds a connection may take to send a whole request line and headers, "
+        "counted from when it opens and from the end of each response, before it is closed.",
+    )
     drain_timeout_s: float = Field(
         30.0,
         gt=0,
