@@ -358,6 +358,9 @@ class MapEncoder:
             # The request failed before this map's thread started.
             raise _MapSkipped(task)
         value = self._predictor.postprocess(task, output, *self._size)
+        if self._closed:
+            # The request failed or timed out while this map was resized.
+            raise _MapSkipped(task)
         return encode_output(task, value, self._predictor.classes, self._helper)
 
     async def encode_all(self, heads: HeadOutputs) -> dict[str, TaskOutput]:
@@ -399,6 +402,7 @@ async def _await_prediction(
     submitted: asyncio.Future[tuple[HeadOutputs, BatchTiming]],
     disconnected: asyncio.Future[None],
     maps: MapEncoder,
+    timeout_s: float,
 ) -> tuple[HeadOutputs, BatchTiming]:
     """Wait for the batcher's result, or raise 499 as soon as the client leaves.
 
@@ -413,11 +417,10 @@ async def _await_prediction(
     except (QueueFullError, BatcherClosedError) as exc:
         raise _unavailable(exc) from exc
     except RequestTimeoutError as exc:
-        raise ServiceError(
-            504,
-            "timeout",
-            f"{exc}: retry later with a smaller image or budget, or raise ADAMTL_REQUEST_TIMEOUT_S",
-        ) from exc
+        # The count leaves out this request, whose admission slot is still held.
+        others = request.app.state.service.batcher.queue_depth - 1
+        stage = f"in the batch queue or inference, with {others} other requests admitted"
+        raise _timed_out(timeout_s, stage) from exc
     except ServiceError:
         raise
     except Exception as exc:
@@ -432,6 +435,15 @@ async def _await_prediction(
             maps.close()
         elif submitted.cancelled() or submitted.exception() is not None:
             maps.close()
+
+
+def _timed_out(timeout_s: float, stage: str) -> ServiceError:
+    return ServiceError(
+        504,
+        "timeout",
+        f"the request was not finished within {timeout_s:g} s of its upload ({stage}): retry "
+        "later with a smaller image or budget, or raise ADAMTL_REQUEST_TIMEOUT_S",
+    )
 
 
 def _retrieve_outcome(future: asyncio.Future) -> None:
@@ -513,6 +525,12 @@ async def predict(
     except (QueueFullError, BatcherClosedError) as exc:
         raise _unavailable(exc) from exc
     with admission:
+        # ADAMTL_REQUEST_TIMEOUT_S covers decoding, the queue, inference, and resizing and
+        # encoding the maps. A step already on a thread runs to its end, so the 504 may come
+        # that much later.
+        loop = asyncio.get_running_loop()
+        timeout_s = settings.request_timeout_s
+        deadline = loop.time() + timeout_s
         try:
             image = await anyio.to_thread.run_sync(
                 imaging.decode_upload,
@@ -524,22 +542,31 @@ async def predict(
         except imaging.ImageError as exc:
             raise ServiceError(exc.status_code, exc.error_type, str(exc)) from exc
         del data
+        if loop.time() >= deadline:
+            raise _timed_out(timeout_s, "while decoding the image")
 
         size = (image.height, image.width)
         maps = MapEncoder(predictor, size, state.image_limiter, state.png_helper)
         job = PredictJob(image.pixels, budget, task_list)
-        submitted = asyncio.ensure_future(
-            batcher.submit(job, settings.request_timeout_s, admission)
-        )
+        submitted = asyncio.ensure_future(batcher.submit(job, deadline - loop.time(), admission))
         disconnected = asyncio.ensure_future(wait_for_disconnect(request))
         disconnected.add_done_callback(_retrieve_outcome)
         encoding: asyncio.Future[dict[str, TaskOutput]] | None = None
         try:
-            prediction, timing = await _await_prediction(request, submitted, disconnected, maps)
+            prediction, timing = await _await_prediction(
+                request, submitted, disconnected, maps, timeout_s
+            )
             encoding = asyncio.ensure_future(maps.encode_all(prediction))
-            await asyncio.wait((encoding, disconnected), return_when=asyncio.FIRST_COMPLETED)
-            if not encoding.done():
+            await asyncio.wait(
+                (encoding, disconnected),
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if disconnected.done() and not encoding.done():
                 raise _client_gone()
+            if not encoding.done():
+                # The finally block skips the maps not started yet.
+                raise _timed_out(timeout_s, "while resizing and encoding the maps")
             try:
                 outputs = encoding.result()
             except Exception as exc:

@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         gt=0,
         le=3600,
         allow_inf_nan=False,
-        description="Seconds from admission until a request fails with 504.",
+        description="Seconds from the end of the upload until a request fails with 504; "
+        "decoding, the queue, inference and encoding the maps all count.",
     )
 
     # Input limits.

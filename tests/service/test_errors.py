@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.service import samples
 from tests.service.conftest import make_settings, running_server
 from tests.service.test_api import predict
+from tests.service.test_hardening import threads_encoding_maps
 
 MB = 1_000_000
 
@@ -273,6 +277,35 @@ def test_timeout_gives_504(checkpoint_path, photos):
         assert client.get("/readyz").status_code == 200
         metrics = client.get("/metrics").text
         assert 'adamtl_requests_total{endpoint="/predict",status_code="504"}' in metrics
+
+
+def test_timeout_covers_map_encoding(checkpoint_path, caplog):
+    # A JPEG decodes at 1/8 scale and the tiny model takes milliseconds, but on one image
+    # thread the four 6000x4000 maps took 1.3 to 1.7 s to resize and encode on 2 cores.
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (90, 20, 200)).save(buffer, "JPEG", quality=80)
+    settings = make_settings(checkpoint_path, request_timeout_s=0.7, image_threads=1)
+    with (
+        running_server(settings) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+        caplog.at_level(logging.INFO, logger="service"),
+    ):
+        response = client.post("/predict", files={"image": ("large.jpg", buffer.getvalue())})
+        assert response.status_code == 504, response.text[:300]
+        # The request ends after its map steps already on a thread, none of which outlive it.
+        assert threads_encoding_maps() == 0
+        body = assert_error_body(response, 504)
+        assert client.get("/readyz").status_code == 200
+
+    assert body["type"] == "timeout"
+    assert "within 0.7 s of its upload (while resizing and encoding the maps)" in body["message"]
+    lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "service" and body["request_id"] in record.getMessage()
+    ]
+    assert len(lines) == 1, lines
+    assert "status=504" in lines[0]
 
 
 def test_unhandled_error_gets_json_500(checkpoint_path):

@@ -289,12 +289,12 @@ def test_client_leaving_during_encoding_gets_499(checkpoint_path):
 
 
 def threads_encoding_maps() -> int:
-    """Count the threads now inside the service's map post-processing (`finish` in routes)."""
+    """Count the threads now inside the service's map post-processing (`MapEncoder._finish`)."""
     count = 0
     for frame in sys._current_frames().values():
         codes = [seen.f_code for seen, _ in traceback.walk_stack(frame)]
         if any(
-            code.co_name == "finish" and code.co_filename.endswith("routes.py") for code in codes
+            code.co_name == "_finish" and code.co_filename.endswith("routes.py") for code in codes
         ):
             count += 1
     return count
