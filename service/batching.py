@@ -330,14 +330,27 @@ class Batcher(Generic[PayloadT, ResultT]):
             duration = time.perf_counter() - started
             if self._on_batch is not None:
                 self._on_batch(len(batch), duration)
-            for job, outcome in zip(batch, outcomes, strict=True):
-                if job.future.done() or job.abandoned:
-                    continue
-                timing = BatchTiming(started - job.admitted_at, duration, len(batch))
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result((outcome, timing))
+            self._deliver(batch, outcomes, started, duration)
+            # Release the batch's payloads now rather than when the next batch forms, because
+            # a payload may be large, such as a decoded image.
+            del batch, outcomes, job
+
+    def _deliver(
+        self,
+        batch: list[_Job[PayloadT]],
+        outcomes: list[ResultT | BaseException],
+        started: float,
+        duration: float,
+    ) -> None:
+        """Hand each waiting job its result or exception."""
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if job.future.done() or job.abandoned:
+                continue
+            timing = BatchTiming(started - job.admitted_at, duration, len(batch))
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result((outcome, timing))
 
     def _run_batch(self, batch: list[_Job[PayloadT]]) -> list[ResultT | BaseException]:
         """Run one batch in the worker thread; return a result or an exception per job."""

@@ -556,6 +556,9 @@ async def predict(
             prediction, timing = await _await_prediction(
                 request, submitted, disconnected, maps, timeout_s
             )
+            # The pixels are not needed after inference, and a 40-megapixel image takes
+            # 120 MB while the request waits for its maps.
+            del image, job
             encoding = asyncio.ensure_future(maps.encode_all(prediction))
             await asyncio.wait(
                 (encoding, disconnected),
@@ -595,7 +598,7 @@ async def predict(
     body = PredictResponse(
         request_id=request.state.request_id,
         model=ModelRef(name=info["name"], version=info["version"]),
-        image=ImageSize(width=image.width, height=image.height),
+        image=ImageSize(width=size[1], height=size[0]),
         budget=budget,
         tasks=list(stats.get("tasks", task_list)),
         compute=Compute(

@@ -1,8 +1,10 @@
 """The batcher on its own, with a plain function standing in for the model."""
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -259,3 +261,28 @@ def test_admit_after_close_until_stop():
         return result
 
     assert run(scenario()) == 14
+
+
+def test_payloads_released_after_batch():
+    """The batcher drops a batch's payloads once it has delivered the results."""
+
+    class Payload:
+        pass
+
+    async def scenario():
+        batcher = Batcher(
+            lambda payloads: [1] * len(payloads), max_batch_size=2, max_wait_s=0, max_queue_size=2
+        )
+        batcher.start()
+        payload = Payload()
+        reference = weakref.ref(payload)
+        await batcher.submit(payload, 10)
+        del payload
+        # Let the batching loop go back to waiting for the next request.
+        await asyncio.sleep(0.05)
+        gc.collect()
+        alive = reference() is not None
+        await batcher.stop(5)
+        return alive
+
+    assert not run(scenario())
