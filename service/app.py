@@ -21,6 +21,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import PixelBudget
 from service.batching import Batcher
 from service.deps import RETRY_AFTER_S, InFlightRequest, PredictJob, ServiceState
 from service.errors import error_response, install_error_handlers
@@ -172,6 +173,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # A few threads for image work instead of anyio's default of 40. With many requests in
     # flight, dozens of threads only contend for the interpreter lock and the cores. Each may
     # also keep a malloc arena of its own, which makes resident memory creep up under load.
+    state.pixel_budget = PixelBudget(
+        settings.max_pixels_in_flight, on_change=metrics.pixels_in_flight.set
+    )
     state.image_limiter = anyio.CapacityLimiter(
         settings.image_threads or len(os.sched_getaffinity(0))
     )

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from model_core.predictor import HeadOutputs, Predictor
+    from service.admission import PixelBudget
     from service.batching import Batcher
     from service.memory import MemoryTrimmer
     from service.metrics import ServiceMetrics
@@ -69,6 +70,8 @@ class ServiceState:
     # One extra thread that compresses the second half of large output maps when it is idle
     # (see imaging.png_bytes).
     png_helper: ThreadPoolExecutor | None = None
+    # Decoded pixels of the prediction requests in flight (Settings.max_pixels_in_flight).
+    pixel_budget: PixelBudget | None = None
     # Periodic malloc_trim caller, or None when ADAMTL_MALLOC_TRIM_INTERVAL_S is 0.
     trimmer: MemoryTrimmer | None = None
     ready: bool = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -100,7 +100,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return decode_upload(data, max_pixels).pixels
 
 
-def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> DecodedImage:
+def decode_upload(
+    data: bytes,
+    max_pixels: int,
+    min_side: int | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> DecodedImage:
     """Decode an upload like `decode_image`, at a reduced scale where a JPEG allows it.
 
     With `min_side`, a JPEG is decoded at the smallest of the scales 1/8, 1/4, 1/2 and 1 that
@@ -108,8 +113,12 @@ def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> 
     several times faster than decoding everything and resizing). A model whose input is
     `min_side` pixels square loses nothing it would keep. Other formats decode at full size.
 
+    `reserve`, if given, is called with the number of pixels to be decoded (at the reduced
+    scale of a JPEG) after the header checks and before any pixel data is decompressed. An
+    exception it raises propagates unchanged, and nothing is decoded.
+
     Raises:
-        The errors of `decode_image`.
+        The errors of `decode_image`, and those of `reserve`.
     """
     # NOTE: Pillow raises its own DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS
     # (about 179 megapixels by default), so a larger max_pixels has no effect past that.
@@ -145,6 +154,12 @@ def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> 
         # MPO files (a JPEG followed by more pictures, as some cameras write) decode the same way.
         if min_side is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
             image.draft("RGB", (min_side, min_side))
+    except Exception as exc:  # noqa: BLE001  # as for load() below
+        raise _undecodable(image, exc) from exc
+    if reserve is not None:
+        reserve(image.width * image.height)  # draft() has set the reduced size of a JPEG
+
+    try:
         image.load()
         if image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:
             width, height = height, width
@@ -155,10 +170,13 @@ def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> 
     except Exception as exc:  # noqa: BLE001
         # Pillow's decoders raise many types on malformed data (OSError, SyntaxError,
         # struct.error, IndexError, ...); every one of them means a bad upload, not a bug here.
-        raise InvalidImageError(
-            f"the {image.format} image could not be decoded ({exc}): check that the file "
-            "is complete"
-        ) from exc
+        raise _undecodable(image, exc) from exc
+
+
+def _undecodable(image: Image.Image, error: Exception) -> InvalidImageError:
+    return InvalidImageError(
+        f"the {image.format} image could not be decoded ({error}): check that the file is complete"
+    )
 
 
 def _header_failure(data: bytes) -> tuple[str, str] | None:

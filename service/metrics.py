@@ -165,6 +165,11 @@ class ServiceMetrics:
             "Prediction requests admitted and not yet finished (queued or running).",
             registry=registry,
         )
+        self.pixels_in_flight = Gauge(
+            "adamtl_pixels_in_flight",
+            "Decoded pixels that the prediction requests in flight hold together.",
+            registry=registry,
+        )
 
         self._initialise_labels(tasks)
 

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from service import imaging
+from service.admission import PixelLimitError, PixelReservation
 from service.batching import (
     BatcherClosedError,
     BatchTiming,
@@ -517,14 +518,16 @@ async def predict(
     data = await read_image_bytes(request, settings.max_upload_bytes, settings.upload_timeout_s)
 
     # Decoding and encoding a large image cost hundreds of MB, so both run inside the
-    # admission slot: at most ADAMTL_MAX_QUEUE_SIZE requests hold decoded images at once.
+    # admission slot: at most ADAMTL_MAX_QUEUE_SIZE requests hold decoded images at once, and
+    # their decoded pixels count against ADAMTL_MAX_PIXELS_IN_FLIGHT until the response.
     try:
         # The readiness check let this request in, so it arrived before any drain began,
         # and the drain waits for it even when its upload ends after the drain's start.
         admission = batcher.admit(after_close=True)
     except (QueueFullError, BatcherClosedError) as exc:
         raise _unavailable(exc) from exc
-    with admission:
+    assert state.pixel_budget is not None
+    with admission, PixelReservation(state.pixel_budget) as pixels:
         # ADAMTL_REQUEST_TIMEOUT_S covers decoding, the queue, inference, and resizing and
         # encoding the maps. A step already on a thread runs to its end, so the 504 may come
         # that much later.
@@ -537,10 +540,13 @@ async def predict(
                 data,
                 settings.max_image_pixels,
                 predictor.input_size,
+                pixels.reserve,
                 limiter=state.image_limiter,
             )
         except imaging.ImageError as exc:
             raise ServiceError(exc.status_code, exc.error_type, str(exc)) from exc
+        except PixelLimitError as exc:
+            raise _unavailable(exc) from exc
         del data
         if loop.time() >= deadline:
             raise _timed_out(timeout_s, "while decoding the image")

@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest accepted image area in pixels (40 megapixels)."
     )
+    max_pixels_in_flight: int = Field(
+        200_000_000,
+        ge=1,
+        description="Decoded pixels that the prediction requests in flight may hold together "
+        "before 503 (200 megapixels); a JPEG counts at its reduced decoding scale.",
+    )
 
     @field_validator("malloc_trim_interval_s")
     @classmethod
@@ -119,6 +125,17 @@ class Settings(BaseSettings):
                 "intervals keep a thread in malloc_trim most of the time"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_pixels_in_flight(self) -> Settings:
+        # Otherwise an image within max_image_pixels could never be admitted.
+        if self.max_pixels_in_flight < self.max_image_pixels:
+            raise ValueError(
+                f"max_pixels_in_flight ({self.max_pixels_in_flight}) is smaller than "
+                f"max_image_pixels ({self.max_image_pixels}): set ADAMTL_MAX_PIXELS_IN_FLIGHT "
+                "to at least ADAMTL_MAX_IMAGE_PIXELS"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_admission_covers_batch(self) -> Settings:

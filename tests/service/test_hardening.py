@@ -10,14 +10,17 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from service.batching import Batcher, QueueFullError
+from service.settings import Settings, format_settings_error
 from tests.model_core.conftest import with_metadata
 from tests.service.conftest import make_settings, running_server
 from tests.service.test_main import REPO_ROOT, service_env
@@ -141,6 +144,52 @@ def test_full_queue_rejects_before_decoding(checkpoint_path):
     assert corrupt.headers["Retry-After"] == "1"
     assert results == [200]
     assert depth_after == 0
+
+
+def gauge_value(client: httpx.Client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is missing from /metrics")
+
+
+def test_pixel_limit_rejects_second_image(checkpoint_path):
+    """While one 16-megapixel image is in flight under a 16-megapixel limit, another gets 503."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (90, 20, 200)).save(buffer, "PNG")
+    large = buffer.getvalue()  # small file, but seconds to decode, resize and encode
+    small = png_bytes(64, 48)
+    settings = make_settings(
+        checkpoint_path, max_image_pixels=16_000_000, max_pixels_in_flight=16_000_000
+    )
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, "/predict", files={"image": ("a.png", large)})
+            deadline = time.monotonic() + 20
+            while gauge_value(client, "adamtl_pixels_in_flight") < 16_000_000:
+                assert not first.done(), first.result().text[:300]
+                assert time.monotonic() < deadline, "the large image was not decoded within 20 s"
+                time.sleep(0.005)
+            rejected = client.post("/predict", files={"image": ("b.png", small)})
+            first_status = first.result().status_code
+        pixels_after = gauge_value(client, "adamtl_pixels_in_flight")
+        accepted = client.post("/predict", files={"image": ("b.png", small)})
+
+    assert rejected.status_code == 503, rejected.text
+    assert rejected.json()["type"] == "queue_full"
+    assert "3072 decoded pixels" in rejected.json()["message"]
+    assert "ADAMTL_MAX_PIXELS_IN_FLIGHT" in rejected.json()["message"]
+    assert rejected.headers["Retry-After"] == "1"
+    assert first_status == 200
+    assert pixels_after == 0
+    assert accepted.status_code == 200
+
+
+def test_pixel_limit_below_image_limit_rejected():
+    with pytest.raises(ValidationError) as error:
+        Settings(max_image_pixels=50_000_000, max_pixels_in_flight=40_000_000)
+    message = format_settings_error(error.value)
+    assert "set ADAMTL_MAX_PIXELS_IN_FLIGHT to at least ADAMTL_MAX_IMAGE_PIXELS" in message
 
 
 def test_admission_slot_counts_until_release():
