@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model_core.model import AdaMTL
-from model_core.presets import TASKS, ModelConfig
+from model_core.presets import MAX_CLASSES, TASKS, ModelConfig
 
 __all__ = [
     "FORMAT",
@@ -30,12 +30,6 @@ __all__ = [
 
 FORMAT = "adamtl/1"
 _METADATA_KEY = "adamtl"
-
-# Maximum number of classes per task. `Predictor` returns label maps as uint8 and the service
-# encodes them as 8-bit palette PNGs, so class indices must fit in 0..255.
-# NOTE: training targets mark unlabelled pixels with IGNORE_INDEX (255), so the training
-# recipe cannot learn a class at index 255. Trained models have at most 255 usable classes.
-MAX_CLASSES = 256
 
 
 class CheckpointError(ValueError):

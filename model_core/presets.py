@@ -20,6 +20,12 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Value that marks pixels without a label in every target map, as in PASCAL-Context.
 IGNORE_INDEX = 255
 
+# Maximum number of classes per classification task. `Predictor` returns label maps as uint8
+# and the service encodes them as 8-bit palette PNGs, so class indices must fit in 0..255.
+# NOTE: training targets mark unlabelled pixels with IGNORE_INDEX (255), so the training
+# recipe cannot learn a class at index 255. Trained models have at most 255 usable classes.
+MAX_CLASSES = 256
+
 # The 20 PASCAL VOC object classes plus background, used for semantic segmentation.
 PASCAL_SEMSEG_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -120,6 +126,12 @@ class ModelConfig:
         for task in ("human_parts", "semseg"):
             if task in self.tasks and len(self.classes.get(task, ())) < 2:
                 raise ValueError(f"task {task!r} needs a class list of at least 2 names")
+            if len(self.classes.get(task, ())) > MAX_CLASSES:
+                raise ValueError(
+                    f"task {task!r} has {len(self.classes[task])} classes, but at most "
+                    f"{MAX_CLASSES} are supported because label maps are uint8: merge or drop "
+                    "classes"
+                )
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
