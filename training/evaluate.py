@@ -38,6 +38,7 @@ from model_core.checkpoint import load_checkpoint, read_metadata, save_checkpoin
 from model_core.model import AdaMTL
 from model_core.predictor import Predictor
 from model_core.presets import IMAGENET_MEAN, IMAGENET_STD
+from training.cli import run_cli
 from training.datasets.transforms import test_transform
 from training.engine import EvaluationResult, evaluate, git_commit
 from training.metrics import delta_m
@@ -440,4 +441,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    main(build_parser().parse_args())
+    run_cli("python -m training.evaluate", lambda: main(build_parser().parse_args()))

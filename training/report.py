@@ -22,6 +22,7 @@ matplotlib.use("Agg")  # the report writes image files, so no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from training.cli import run_cli  # noqa: E402
 from training.metrics import primary_metric  # noqa: E402
 
 __all__ = ["build_parser", "main", "write_report"]
@@ -199,9 +200,34 @@ def plot_token_masks(masks_path: Path, path: Path) -> list[int]:
 
 
 def write_report(evaluation_path: Path, title: str | None = None) -> Path:
-    """Write report.md and the plots next to `evaluation_path`; return the report's path."""
-    evaluation = json.loads(evaluation_path.read_text(encoding="utf-8"))
-    folder = evaluation_path.parent
+    """Write report.md and the plots next to `evaluation_path`; return the report's path.
+
+    Raises:
+        ValueError: `evaluation_path` is not JSON or lacks a section or field of the report.
+    """
+    try:
+        evaluation = json.loads(evaluation_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"invalid evaluation file {evaluation_path}: not JSON ({error}); rerun "
+            "`python -m training.evaluate` to write it again"
+        ) from None
+    if not isinstance(evaluation, dict):
+        raise ValueError(
+            f"invalid evaluation file {evaluation_path}: expected a JSON object, got "
+            f"{type(evaluation).__name__}; rerun `python -m training.evaluate` to write it again"
+        )
+    try:
+        return _write_report(evaluation, evaluation_path.parent, title)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"invalid evaluation file {evaluation_path}: missing or malformed content "
+            f"({type(error).__name__}: {error}); rerun `python -m training.evaluate` to write "
+            "it again"
+        ) from None
+
+
+def _write_report(evaluation: dict, folder: Path, title: str | None) -> Path:
     plot_accuracy_vs_flops(evaluation, folder / "accuracy_vs_flops.png")
     plot_flops_histogram(evaluation, folder / "flops_histogram.png")
     masks_path = folder / "masks.npz"
@@ -295,4 +321,4 @@ def main(args: argparse.Namespace) -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    main(build_parser().parse_args())
+    run_cli("python -m training.report", lambda: main(build_parser().parse_args()))

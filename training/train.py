@@ -20,6 +20,7 @@ import torch
 
 from model_core.policy import BUDGET_SPLITS
 from model_core.presets import preset_names
+from training.cli import run_cli
 from training.engine import setup_distributed
 from training.stages import FIXED_SETTINGS, STAGES, run_stage
 
@@ -261,4 +262,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_cli("python -m training.train", lambda: main(build_parser().parse_args()))

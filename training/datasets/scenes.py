@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from model_core.presets import HUMAN_PARTS_CLASSES, IGNORE_INDEX, SCENE_SEMSEG_CLASSES, TASKS
+from training.cli import run_cli
 from training.datasets.common import to_tensor_sample
 from training.datasets.scene_layout import sample_scene
 from training.datasets.scene_render import RenderedScene, render
@@ -278,4 +279,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("python -m training.datasets.scenes", main)
