@@ -120,12 +120,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch values and --repeats must be positive")
     if any(not 0.0 < r < 1.0 for r in args.keep_ratios):
         parser.error(f"--keep-ratios {args.keep_ratios}: each must be in (0, 1)")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"invalid --threads {args.threads}: must be at least 1, or leave it out")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = measure(args)
     if args.json:

@@ -22,6 +22,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from model_core.checkpoint import load_checkpoint
 from model_core.model import AdaMTL
 from model_core.predictor import Predictor
 from model_core.presets import get_preset, preset_names
+from training.cli import run_cli
 
 DEFAULT_BUDGETS = (1.0, 0.8, 0.6, 0.5, 0.4)
 
@@ -63,14 +65,33 @@ def scene_images(predictor: Predictor, count: int, seed: int) -> torch.Tensor:
 
 
 def build_predictor(
-    preset: str, checkpoint: Path | None, calibration_images: int, seed: int, budgets: list[float]
+    preset: str,
+    checkpoint: Path | None,
+    calibration_images: int,
+    seed: int,
+    budgets: Sequence[float] = (),
 ) -> Predictor:
-    """Load `checkpoint`, or build `preset` with random weights calibrated at `budgets`."""
+    """Load `checkpoint`, or build `preset` with random weights calibrated at `budgets`.
+
+    Without budgets below 1, a random-weight model is calibrated on the default grid.
+
+    Raises:
+        ValueError: a budget is outside the model's [min_budget, 1], or `checkpoint` is
+            missing or unreadable (model_core.checkpoint.CheckpointError).
+    """
     if checkpoint is not None:
         model, metadata = load_checkpoint(checkpoint)
     else:
         torch.manual_seed(seed)
         model, metadata = AdaMTL(get_preset(preset)).eval(), None
+    # Checked before the calibration, which runs hundreds of forward passes.
+    min_budget = model.config.min_budget
+    invalid = [b for b in budgets if not min_budget <= b <= 1.0]
+    if invalid:
+        raise ValueError(
+            f"invalid --budgets {invalid}: model {model.config.name} serves budgets in "
+            f"[{min_budget:g}, 1]"
+        )
     if model.calibration is None:
         images = generated_images(calibration_images, model.config.img_size, seed + 1)
         grid = sorted(b for b in budgets if b < 1.0) or None
@@ -181,6 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(b <= 0 for b in args.batch) or args.repeats < 1:
         parser.error("--batch values and --repeats must be positive")
+    if args.calibration_images < 1:
+        parser.error(f"invalid --calibration-images {args.calibration_images}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"invalid --threads {args.threads}: must be at least 1, or leave it out")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint file not found: {args.checkpoint}")
     return args
 
 
@@ -189,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s"
     )
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = measure(args)
     if args.json:
@@ -201,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli("python -m benchmarks.model_latency", main))

@@ -1,6 +1,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_block_scaling_json_rows():
@@ -30,3 +33,11 @@ def test_block_scaling_rejects_bad_keep_ratio():
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "each must be in (0, 1)" in result.stderr
+
+
+def test_block_scaling_rejects_invalid_threads():
+    command = [sys.executable, "-m", "benchmarks.block_scaling", "--preset", "tiny", "--threads",
+               "-1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert "invalid --threads -1" in result.stderr

@@ -57,3 +57,27 @@ def test_model_latency_on_demo_scenes():
     assert rows[0]["flops_ratio"] == 1.0
     # The stored calibration holds on two new scenes to within 0.1.
     assert abs(rows[1]["flops_ratio"] - 0.4) < 0.1
+
+
+def run_model_latency(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "benchmarks.model_latency", "--preset", "tiny", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_model_latency_rejects_invalid_options(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a checkpoint")
+    cases = {
+        ("--budgets", "2.0"): "invalid --budgets [2.0]: model tiny serves budgets in [0.3, 1]",
+        ("--budgets", "0.1"): "invalid --budgets [0.1]",
+        ("--budgets", "nan"): "invalid --budgets [nan]",
+        ("--threads", "0"): "invalid --threads 0",
+        ("--calibration-images", "0"): "invalid --calibration-images 0",
+        ("--checkpoint", str(tmp_path / "absent.safetensors")): "--checkpoint file not found",
+        ("--checkpoint", str(junk)): "is not a readable safetensors file",
+    }
+    for args, message in cases.items():
+        result = run_model_latency(tmp_path, *args, "--batch", "1", "--repeats", "1")
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr, args
+        assert message in result.stderr, args
