@@ -58,6 +58,7 @@ from model_core.checkpoint import save_checkpoint
 from model_core.predictor import Predictor
 from service.imaging import decode_image
 from service.settings import DEFAULT_CHECKPOINT, Settings
+from training.cli import run_cli
 
 logger = logging.getLogger("benchmarks.service_load")
 
@@ -883,4 +884,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli("python -m benchmarks.service_load", main))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import service_load
 from benchmarks.model_latency import generated_images
 from benchmarks.service_load import trend_growth
 from model_core.calibration import calibrate
-from model_core.checkpoint import save_checkpoint
+from model_core.checkpoint import load_checkpoint, save_checkpoint
 from model_core.model import AdaMTL
 from model_core.presets import get_preset
 
@@ -148,3 +150,30 @@ def test_trend_growth_uses_reading_times():
 def test_trend_growth_of_too_few_samples():
     assert trend_growth([]) == 0.0
     assert trend_growth([(0.0, 1000)]) == 0.0
+
+
+def test_service_load_corrupt_checkpoint(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a checkpoint")
+    result = run_benchmark(
+        ["--checkpoint", str(junk), "--concurrency", "1", "--requests", "1", "--soak-requests",
+         "1", "--threads", "1"]
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"checkpoint {junk} is not a readable safetensors file" in result.stderr
+
+
+def test_random_demo_checkpoint_without_default(tmp_path, monkeypatch):
+    # With no checkpoints/demo.safetensors, the benchmark builds and calibrates a random model.
+    monkeypatch.setattr(service_load, "DEFAULT_CHECKPOINT", tmp_path / "absent.safetensors")
+    args = argparse.Namespace(checkpoint=None, calibration_images=1, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path, source = service_load.resolve_checkpoint(args, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert path == tmp_path / "demo-random.safetensors"
+    assert source.startswith("temporary checkpoint")
+    assert load_checkpoint(path)[0].calibration is not None
