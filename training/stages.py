@@ -593,9 +593,32 @@ def _steps_per_epoch(args: argparse.Namespace, train_size: int, world_size: int)
     return steps
 
 
-def _save_state(path: Path, model: AdaMTL, optimizer, scheduler, epoch: int, args) -> None:
+# Options that change what a stage trains. A stage resumes only with the values it was started
+# with, because its state.pt (learning-rate schedule, data order, epoch count) depends on them.
+# Threads, device, workers, logging and the calibration after training may change between runs.
+_RESUME_OPTIONS: tuple[str, ...] = (
+    "dataset", "calibration_images", "batch_size", "steps_per_epoch", "lr", "policy_lr",
+    "weight_decay", "warmup_steps", "class_weights", "grad_clip", "precision", "alpha", "distill",
+    "budget_sampling", "budget_split", "setting", "per_image_efficiency", "policy_mode", "adapt",
+    "seed",
+)  # fmt: skip
+
+
+def _resume_options(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    """Return the options (as command-line flags) that a resumed stage must repeat."""
+    names = list(_RESUME_OPTIONS)
+    names += ["att_epochs", "finetune_epochs"] if args.stage == "cotrain" else ["epochs"]
+    options = {"--" + name.replace("_", "-"): getattr(args, name) for name in names}
+    options["processes (torchrun --nproc_per_node)"] = world_size
+    return options
+
+
+def _save_state(
+    path: Path, model: AdaMTL, optimizer, scheduler, epoch: int, args, world_size: int
+) -> None:
     state = {
         "stage": args.stage,
+        "options": _resume_options(args, world_size),
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -608,7 +631,7 @@ def _save_state(path: Path, model: AdaMTL, optimizer, scheduler, epoch: int, arg
     temporary.replace(path)
 
 
-def _load_state(path: Path, model: AdaMTL, optimizer, scheduler, args) -> int:
+def _load_state(path: Path, model: AdaMTL, optimizer, scheduler, args, world_size: int) -> int:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("stage") != args.stage:
         raise ValueError(f"{path} belongs to stage {state.get('stage')!r}, not {args.stage!r}")
@@ -616,6 +639,20 @@ def _load_state(path: Path, model: AdaMTL, optimizer, scheduler, args) -> int:
         raise ValueError(
             f"{path} was written for another model configuration; use a new --out or --restart"
         )
+    # NOTE: state files written before the options were stored resume without this check.
+    saved = state.get("options")
+    if saved is not None:
+        current = _resume_options(args, world_size)
+        changed = [
+            f"{name} {saved.get(name)!r} (now {value!r})"
+            for name, value in current.items()
+            if saved.get(name) != value
+        ]
+        if changed:
+            raise ValueError(
+                f"{path} was written with other options: {', '.join(changed)}. Resume with "
+                "the earlier values, or pass --restart (or a new --out) to train again"
+            )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -724,10 +761,6 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
         if class_weights is None
         else {t: [round(float(w), 4) for w in weights] for t, weights in class_weights.items()},
     }
-    if context.is_main:
-        logger.info("resolved configuration: %s", json.dumps(resolved))
-        logger.info("git commit: %s", commit)
-        (stage_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
 
     total_epochs = _stage_epochs(args)
     steps = _steps_per_epoch(args, len(data.train), context.world_size)
@@ -743,10 +776,15 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
     state_path = stage_dir / "state.pt"
     start_epoch = 0
     if state_path.is_file() and not args.restart:
-        start_epoch = _load_state(state_path, model, optimizer, scheduler, args)
+        start_epoch = _load_state(state_path, model, optimizer, scheduler, args, context.world_size)
         logger.info("resumed %s from %s after epoch %d", args.stage, state_path, start_epoch)
     elif args.resume:
         raise FileNotFoundError(f"--resume given but {state_path} does not exist")
+    # Written after the resume check, so a rejected resume leaves the stage's files as they were.
+    if context.is_main:
+        logger.info("resolved configuration: %s", json.dumps(resolved))
+        logger.info("git commit: %s", commit)
+        (stage_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
 
     reporter = ProgressReporter(
         args.stage,
@@ -780,7 +818,15 @@ def run_stage(args: argparse.Namespace, context: DistributedContext) -> Path:
             record["val"] = _quick_eval(model, data, args)
         reporter.log_epoch(record)
         if context.is_main:
-            _save_state(state_path, unwrap(wrapped), optimizer, scheduler, epoch + 1, args)
+            _save_state(
+                state_path,
+                unwrap(wrapped),
+                optimizer,
+                scheduler,
+                epoch + 1,
+                args,
+                context.world_size,
+            )
         context.barrier()
 
     model.eval()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +127,27 @@ def test_static_stage_outputs(data_root, tmp_path):
     assert log.index("git commit") < log.index("static epoch 1/2 step 2/2")
     state = torch.load(stage_dir / "state.pt", weights_only=True)
     assert state["epoch"] == 2
+
+
+def test_resume_rejects_changed_options(data_root, tmp_path):
+    static = ("--stage", "static", "--preset", "tiny", "--epochs", "1", "--steps-per-epoch", "1")
+    first = main(parse(data_root, tmp_path, *static))
+    config = (tmp_path / "static" / "config.json").read_text()
+    written = first.stat().st_mtime_ns
+    for changed, message in (
+        (("--seed", "3"), "--seed 0 (now 3)"),
+        (("--epochs", "2"), "--epochs 1 (now 2)"),
+        (("--lr", "0.01"), "--lr 0.0001 (now 0.01)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            main(parse(data_root, tmp_path, *static, *changed))
+    assert first.stat().st_mtime_ns == written, "a rejected resume must not rewrite the model"
+    assert (tmp_path / "static" / "config.json").read_text() == config
+
+    # The same options with another log interval resume, and --restart trains again.
+    main(parse(data_root, tmp_path, *static, "--log-every", "5"))
+    restarted = main(parse(data_root, tmp_path, *static, "--seed", "3", "--restart"))
+    assert load_checkpoint(restarted)[1]["provenance"]["seed"] == 3
 
 
 def test_label_class_weights_from_training_labels(data_root):
