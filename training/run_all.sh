@@ -48,6 +48,8 @@ THREADS="$(nproc)"
 declare -A SET=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --preset|--data|--out|--backbone|--threads|--nproc|--seed)
+            [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; } ;;&
         --preset) PRESET="$2"; shift 2 ;;
         --data) DATA="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
@@ -113,6 +115,33 @@ case "$PRESET" in
     *) echo "error: unknown preset '$PRESET'; use demo, smoke, swin-t, swin-s or swin-b" >&2; exit 2 ;;
 esac
 for key in "${!SET[@]}"; do S[$key]="${SET[$key]}"; done
+
+# Check the integer options here, so that a typo stops the run before data generation.
+check_int() {  # NAME VALUE MINIMUM
+    if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 )); then
+        echo "error: invalid $1 '$2': must be an integer of at least $3" >&2
+        exit 2
+    fi
+}
+check_int --threads "$THREADS" 1
+check_int --nproc "$NPROC" 1
+check_int --seed "$SEED" 0
+for key in train-count val-count batch-size calibration-images latency-repeats static-epochs \
+        policy-epochs agnostic-policy-epochs; do
+    check_int "--$key" "${S[$key]}" 1
+done
+for key in workers att-epochs finetune-epochs agnostic-att-epochs agnostic-finetune-epochs \
+        warmup-steps; do
+    check_int "--$key" "${S[$key]}" 0
+done
+for key in steps-per-epoch agnostic-steps-per-epoch; do
+    [[ -z "${S[$key]}" ]] || check_int "--$key" "${S[$key]}" 1
+done
+if (( 10#${S[calibration-images]} >= 10#${S[train-count]} )); then
+    echo "error: --calibration-images ${S[calibration-images]} leaves no training image out of" \
+        "--train-count ${S[train-count]}; lower it or raise --train-count" >&2
+    exit 2
+fi
 
 OUT="${OUT:-$REPO/runs/$PRESET}"
 mkdir -p "$OUT"

@@ -67,3 +67,34 @@ def test_smoke_preset_end_to_end(tmp_path):
     for image in ("accuracy_vs_flops.png", "flops_histogram.png", "token_masks.png"):
         assert (out / image).stat().st_size > 1000, image
         assert f"]({image})" in report
+
+
+def run_all(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        ["bash", str(REPO / "training" / "run_all.sh"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_run_all_rejects_invalid_options(tmp_path):
+    out = str(tmp_path / "run")
+    cases = {
+        ("--preset",): "error: --preset needs a value",
+        ("--preset", "smoke", "--out"): "error: --out needs a value",
+        ("--preset", "smoke", "--out", out, "--nproc", "abc"): "invalid --nproc 'abc'",
+        ("--preset", "smoke", "--out", out, "--threads", "0"): "invalid --threads '0'",
+        ("--preset", "smoke", "--out", out, "--train-count", "-5"): "invalid --train-count '-5'",
+        ("--preset", "smoke", "--out", out, "--static-epochs", "1.5"): "invalid --static-epochs",
+        ("--preset", "smoke", "--out", out, "--steps-per-epoch", "0"): "invalid --steps-per-epoch",
+        ("--preset", "smoke", "--out", out, "--calibration-images", "40"): (
+            "--calibration-images 40 leaves no training image out of --train-count 40"
+        ),
+        ("--preset", "nope"): "error: unknown preset 'nope'",
+    }
+    for args, message in cases.items():
+        result = run_all(tmp_path, *args)
+        assert result.returncode == 2, args
+        assert message in result.stderr, args
+        assert "unbound variable" not in result.stderr, args
+    assert not (tmp_path / "run").exists(), "invalid options must stop the run before any output"
