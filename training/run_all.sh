@@ -150,6 +150,9 @@ if [[ "$DATASET" == pascal ]]; then
     [[ -n "$DATA" && -d "$DATA" ]] || { echo "error: --data must name the PASCAL-Context root for $PRESET" >&2; exit 2; }
     [[ -n "$BACKBONE" && -f "$BACKBONE" ]] || { echo "error: --backbone must name a local ImageNet Swin weights file for $PRESET" >&2; exit 2; }
 fi
+# Generated scenes are overwritten only in the run's own folder, never in a --data folder.
+OWN_DATA=0
+[[ -z "$DATA" ]] && OWN_DATA=1
 DATA="${DATA:-$OUT/data}"
 LOG="$OUT/run_all.log"
 # The exact invocation, overrides included, goes into the checkpoint's provenance.
@@ -190,9 +193,38 @@ if [[ "$DATASET" == scenes ]]; then
         # Different seeds per split; the generator also mixes the split name into each seed.
         seed=$SEED
         [[ "$split" == val ]] && seed=$(( SEED + 1000 ))
-        if [[ -f "$DATA/$split/manifest.json" ]] && "$PYTHON" -c "import json,sys; m=json.load(open(sys.argv[1])); sys.exit(0 if m['count']==int(sys.argv[2]) and m['size']==int(sys.argv[3]) else 1)" "$DATA/$split/manifest.json" "$count" "$SIZE"; then
-            step "data: $DATA/$split exists with $count images, kept"
-            continue
+        if [[ -f "$DATA/$split/manifest.json" ]]; then
+            # Prints nothing when the split matches, otherwise what differs.
+            mismatch="$("$PYTHON" - "$DATA/$split/manifest.json" "$count" "$SIZE" "$seed" <<'EOF'
+import json
+import sys
+
+from training.datasets.scenes import GENERATOR_VERSION
+
+path, count, size, seed = sys.argv[1], *(int(value) for value in sys.argv[2:])
+try:
+    manifest = json.loads(open(path, encoding="utf-8").read())
+except ValueError as error:
+    print(f"an unreadable manifest ({error})")
+    sys.exit()
+expected = {"count": count, "size": size, "seed": seed, "generator_version": GENERATOR_VERSION}
+found = {key: manifest.get(key) for key in expected}
+differences = [
+    f"{key} {found[key]} (expected {value})" for key, value in expected.items() if found[key] != value
+]
+print(", ".join(differences))
+EOF
+)"
+            if [[ -z "$mismatch" ]]; then
+                step "data: $DATA/$split exists with $count images, kept"
+                continue
+            fi
+            if [[ "$OWN_DATA" == 0 ]]; then
+                echo "error: the split $DATA/$split has $mismatch; pass another --data" \
+                    "folder, or leave --data out to generate the scenes in OUT/data" >&2
+                exit 2
+            fi
+            step "data: $DATA/$split has $mismatch, regenerating"
         fi
         step "data: rendering $count $split scenes of $SIZE px (seed $seed)"
         "$PYTHON" -m training.datasets.scenes --out "$DATA" --split "$split" --count "$count" \

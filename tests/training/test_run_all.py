@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from model_core.checkpoint import load_checkpoint
+from training.datasets.scenes import generate_split
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,3 +99,16 @@ def test_run_all_rejects_invalid_options(tmp_path):
         assert message in result.stderr, args
         assert "unbound variable" not in result.stderr, args
     assert not (tmp_path / "run").exists(), "invalid options must stop the run before any output"
+
+
+def test_run_all_keeps_mismatched_data_folder(tmp_path):
+    data = tmp_path / "scenes"
+    generate_split(data, "train", count=3, size=64, seed=0)
+    manifest = (data / "train" / "manifest.json").read_text()
+    result = run_all(tmp_path, "--preset", "smoke", "--out", str(tmp_path / "run"), "--data",
+                     str(data), "--threads", "1")  # fmt: skip
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert f"the split {data}/train has count 3 (expected 40)" in output
+    assert (data / "train" / "manifest.json").read_text() == manifest
+    assert not (data / "val").exists()
