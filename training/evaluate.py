@@ -124,6 +124,55 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--calibration-images must be at least 1 for the random-policy search")
     if args.batch_size < 1 or args.threads < 1 or args.latency_repeats < 1:
         raise ValueError("--batch-size, --threads and --latency-repeats must be at least 1")
+    if args.val_limit is not None and args.val_limit < 1:
+        raise ValueError(f"invalid --val-limit {args.val_limit}: must be at least 1")
+    # The results are written after minutes of evaluation, so unwritable paths fail first.
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"--out-dir {args.out_dir} is a file: pass a folder")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(args.out_dir, os.W_OK):
+        raise ValueError(f"--out-dir {args.out_dir} is not writable: pass another folder")
+    if args.export is not None:
+        if args.export.is_dir():
+            raise ValueError(f"--export {args.export} is a folder: pass a .safetensors file path")
+        export_dir = args.export.parent
+        if not export_dir.is_dir() or not os.access(export_dir, os.W_OK):
+            raise ValueError(
+                f"--export folder {export_dir} does not exist or is not writable: create it or "
+                "pass another path"
+            )
+
+
+def _preset_key(config) -> tuple:
+    return config.name, config.img_size, config.tasks
+
+
+def check_models(args: argparse.Namespace, models: dict[str, AdaMTL], train_images: int) -> None:
+    """Raise ValueError unless the checkpoints come from one preset and the budgets fit it."""
+    config = models["adaptive"].config
+    for name, model in models.items():
+        other = model.config
+        if (other.name, other.img_size, other.tasks) != _preset_key(config):
+            raise ValueError(
+                f"--{name.replace('_', '-')} {getattr(args, name)} is preset {other.name} "
+                f"({other.img_size} px, tasks {list(other.tasks)}), but --adaptive "
+                f"{args.adaptive} is preset {config.name} ({config.img_size} px, tasks "
+                f"{list(config.tasks)}); pass the checkpoints of one run"
+            )
+    low = config.min_budget
+    invalid = [b for b in args.budgets if not low <= b <= 1.0]
+    if invalid:
+        raise ValueError(f"invalid --budgets {invalid}: preset {config.name} serves [{low:g}, 1]")
+    if args.matched_ratio < low:
+        raise ValueError(
+            f"invalid --matched-ratio {args.matched_ratio}: preset {config.name} serves budgets "
+            f"from {low:g}"
+        )
+    if args.calibration_images >= train_images:
+        raise ValueError(
+            f"--calibration-images {args.calibration_images} must be smaller than the "
+            f"{train_images} images of the train split: pass the value used in training"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +364,9 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement of the report and return them as one JSON-ready dict."""
     adaptive_model, adaptive_meta = load_checkpoint(args.adaptive)
     static_model, _ = load_checkpoint(args.static)
+    models = {"adaptive": adaptive_model, "static": static_model}
+    if args.task_agnostic is not None:
+        models["task_agnostic"] = load_checkpoint(args.task_agnostic)[0]
     adaptive, static = Predictor(adaptive_model), Predictor(static_model)
     config = adaptive_model.config
 
@@ -323,6 +375,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         val = Subset(val, range(min(args.val_limit, len(val))))
     train = _open_split(args, "train", config.img_size, config.tasks)
     count = len(train)
+    check_models(args, models, count)
     calibration = stack_images(Subset(train, range(count - args.calibration_images, count)))
     loader = eval_loader(val, args.batch_size)
     logger.info("evaluating on %d val images", len(val))
@@ -356,8 +409,9 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     results["ablation"] = _ablation(
-        args, adaptive, static, budget_results, loader, calibration, baseline
-    )
+        args, adaptive, static, models.get("task_agnostic"), budget_results, loader, calibration,
+        baseline,
+    )  # fmt: skip
     results["task_selection"] = _task_selection(args, adaptive, val)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     save_masks(adaptive, val, at_adaptivity, ADAPTIVITY_BUDGET, args.out_dir / "masks.npz")
@@ -384,14 +438,15 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _ablation(args, adaptive, static, budget_results, loader, calibration, baseline) -> dict:
+def _ablation(
+    args, adaptive, static, agnostic_model, budget_results, loader, calibration, baseline
+) -> dict:
     """Compare policies at the matched FLOPs ratio (of the static model)."""
     target = args.matched_ratio
     rows = []
     task_aware = budget_results[target]
     rows.append({"name": "task-aware policy", **_summary(task_aware, adaptive.model)})
-    if args.task_agnostic is not None:
-        agnostic_model, _ = load_checkpoint(args.task_agnostic)
+    if agnostic_model is not None:
         result = evaluate(Predictor(agnostic_model), loader, target)
         rows.append({"name": "task-agnostic policy", **_summary(result, agnostic_model)})
     for name, predictor in (

@@ -2,9 +2,19 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from model_core.checkpoint import save_checkpoint
+from model_core.model import AdaMTL
+from model_core.presets import get_preset
+from training import evaluate
+from training.datasets.scenes import generate_split
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,3 +86,42 @@ def test_scenes_out_is_a_file(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "Not a directory" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Scenes of 64 px and untrained tiny checkpoints, enough for the checks before evaluating."""
+    root = tmp_path_factory.mktemp("evaluate")
+    generate_split(root / "data", "train", count=6, size=64, seed=0)
+    generate_split(root / "data", "val", count=2, size=64, seed=1)
+    torch.manual_seed(0)
+    tiny = save_checkpoint(AdaMTL(get_preset("tiny")), root / "tiny.safetensors")
+    return root, tiny
+
+
+def evaluate_args(root: Path, checkpoint: Path, *extra: str):
+    return evaluate.build_parser().parse_args(
+        ["--adaptive", str(checkpoint), "--static", str(checkpoint), "--data", str(root / "data"),
+         "--out-dir", str(root / "report"), "--calibration-images", "2", "--threads", "1",
+         *extra]
+    )  # fmt: skip
+
+
+def test_evaluate_rejects_invalid_options(tiny_run, one_torch_thread):
+    root, tiny = tiny_run
+    file = root / "file"
+    file.write_text("")
+    cases = {
+        ("--calibration-images", "6"): "--calibration-images 6 must be smaller than the 6 images",
+        ("--calibration-images", "9"): "--calibration-images 9 must be smaller",
+        ("--budgets", "2.0"): "invalid --budgets [2.0]: preset tiny serves [0.3, 1]",
+        ("--matched-ratio", "0.1"): "invalid --matched-ratio 0.1",
+        ("--val-limit", "0"): "invalid --val-limit 0",
+        ("--out-dir", str(file)): f"--out-dir {file} is a file",
+        ("--export", str(root / "absent" / "m.safetensors")): "--export folder",
+        ("--static", str(REPO / "checkpoints" / "demo.safetensors")): "is preset demo (192 px",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate.main(evaluate_args(root, tiny, *extra))
+    assert not (root / "report" / "evaluation.json").exists()
