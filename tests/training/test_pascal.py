@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -399,3 +400,23 @@ def test_pascal_invalid_arguments(pascal_root: Path) -> None:
         PascalContextMT(pascal_root, "test", ALL_TASKS)
     with pytest.raises(ValueError, match="invalid tasks"):
         PascalContextMT(pascal_root, "train", ("depth",))
+
+
+def test_pascal_truncated_mat_files(tmp_path: Path) -> None:
+    build_dataset(tmp_path)
+    parts = tmp_path / "human_parts" / f"{PERSON_ID}.mat"
+    label_map = tmp_path / "pascal-context/trainval" / f"{PERSON_ID}.mat"
+    for path, tasks in ((parts, ("human_parts",)), (label_map, ("normals",))):
+        path.write_bytes(path.read_bytes()[:40])
+        dataset = PascalContextMT(tmp_path, "train", tasks)
+        index = dataset.ids.index(PERSON_ID)
+        with pytest.raises(ValueError, match=rf"invalid MATLAB file {re.escape(str(path))}"):
+            dataset.raw_sample(index)
+
+
+def test_pascal_split_list_not_text(tmp_path: Path) -> None:
+    build_dataset(tmp_path)
+    split_file = tmp_path / "ImageSets/Context/train.txt"
+    split_file.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ValueError, match=r"invalid split list .*train\.txt: not UTF-8 text"):
+        PascalContextMT(tmp_path, "train", ALL_TASKS)

@@ -95,6 +95,25 @@ def _mat_field(record: np.void | np.ndarray, name: str, path: Path) -> Any:
         ) from error
 
 
+def _load_mat(path: Path) -> dict[str, Any]:
+    """Read a MATLAB file, raising ValueError that names `path` when it is not readable."""
+    try:
+        return scipy.io.loadmat(path)
+    # scipy 1.17 raises any of these on a truncated or corrupt file, depending on where it ends.
+    except (
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        EOFError,
+        scipy.io.matlab.MatReadError,
+    ) as error:
+        raise ValueError(
+            f"invalid MATLAB file {path}: {error}; it may be truncated or corrupt, so extract it "
+            "again from the dataset archive"
+        ) from error
+
+
 def decode_human_parts(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """Decode a PASCAL-Part `.mat` file into the six-part map of the literature.
 
@@ -113,7 +132,7 @@ def decode_human_parts(path: str | Path, size: tuple[int, int]) -> tuple[np.ndar
         painted, i.e. the image shows at least one person with annotated parts.
     """
     path = Path(path)
-    mat = scipy.io.loadmat(path)
+    mat = _load_mat(path)
     if "anno" not in mat:
         raise ValueError(f"invalid PASCAL-Part file {path}: no variable 'anno'")
     anno = mat["anno"][0, 0]
@@ -160,7 +179,7 @@ def decode_normals(png_path: str | Path, label_map_path: str | Path) -> np.ndarr
         if image.mode != "RGB":
             raise ValueError(f"invalid normals PNG {png_path}: mode {image.mode}, expected RGB")
         values = np.asarray(image, dtype=np.float32)
-    mat = scipy.io.loadmat(label_map_path)
+    mat = _load_mat(label_map_path)
     if "LabelMap" not in mat:
         raise ValueError(f"invalid PASCAL-Context file {label_map_path}: no variable 'LabelMap'")
     label_map = np.asarray(mat["LabelMap"])
@@ -245,7 +264,14 @@ class PascalContextMT(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"split list {split_file} not found: expected one image id per line"
             )
-        self.ids: list[str] = [line.strip() for line in split_file.read_text().splitlines()]
+        try:
+            lines = split_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"invalid split list {split_file}: not UTF-8 text ({error}); expected one image "
+                "id per line"
+            ) from None
+        self.ids: list[str] = [line.strip() for line in lines]
         self.ids = [image_id for image_id in self.ids if image_id]
         if not self.ids:
             raise ValueError(f"split list {split_file} contains no image ids")
