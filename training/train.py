@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -211,6 +212,20 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.resume and args.restart:
         raise ValueError("--resume and --restart exclude each other")
 
+    floats = {
+        "--lr": args.lr,
+        "--policy-lr": args.policy_lr,
+        "--weight-decay": args.weight_decay,
+        "--grad-clip": args.grad_clip,
+        "--alpha": args.alpha,
+        "--distill": args.distill,
+        "--calibration-step": args.calibration_step,
+        "--calibration-tolerance": args.calibration_tolerance,
+    }
+    for name, value in floats.items():
+        if not math.isfinite(value):
+            raise ValueError(f"invalid {name} {value}: must be a finite number")
+
     positive = {"--batch-size": args.batch_size, "--threads": args.threads}
     if args.stage == "cotrain":
         positive["--att-epochs + --finetune-epochs"] = args.att_epochs + args.finetune_epochs
@@ -232,6 +247,7 @@ def validate_args(args: argparse.Namespace) -> None:
         "--distill": args.distill,
         "--weight-decay": args.weight_decay,
         "--eval-every": args.eval_every,
+        "--grad-clip": args.grad_clip,
     }
     for name, value in non_negative.items():
         if value < 0:

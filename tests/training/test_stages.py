@@ -99,6 +99,22 @@ def test_main_validates_before_loading_data(data_root, tmp_path):
     assert not (tmp_path / "static").exists(), "validation must fail before anything is written"
 
 
+def test_main_rejects_non_finite_floats(data_root, tmp_path):
+    static = ("--stage", "static", "--preset", "tiny")
+    for option, value, message in (
+        ("--lr", "nan", "invalid --lr nan: must be a finite number"),
+        ("--policy-lr", "inf", "invalid --policy-lr inf"),
+        ("--alpha", "inf", "invalid --alpha inf"),
+        ("--distill", "nan", "invalid --distill nan"),
+        ("--weight-decay", "nan", "invalid --weight-decay nan"),
+        ("--calibration-tolerance", "nan", "invalid --calibration-tolerance nan"),
+        ("--grad-clip", "-1", "invalid --grad-clip -1.0: must not be negative"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            main(parse(data_root, tmp_path, *static, option, value))
+    assert not (tmp_path / "static").exists(), "validation must fail before anything is written"
+
+
 def test_static_stage_outputs(data_root, tmp_path):
     args = parse(
         data_root, tmp_path, "--stage", "static", "--preset", "tiny", "--epochs", "2",
