@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ from training.metrics import primary_metric  # noqa: E402
 __all__ = ["build_parser", "main", "write_report"]
 
 logger = logging.getLogger(__name__)
+
+
+class MasksFileError(ValueError):
+    """masks.npz next to evaluation.json is unreadable or lacks an array of the plot."""
+
 
 TABLE_BUDGETS: tuple[str, ...] = ("1.00", "0.80", "0.60", "0.40")
 
@@ -203,7 +209,8 @@ def write_report(evaluation_path: Path, title: str | None = None) -> Path:
     """Write report.md and the plots next to `evaluation_path`; return the report's path.
 
     Raises:
-        ValueError: `evaluation_path` is not JSON or lacks a section or field of the report.
+        ValueError: `evaluation_path` is not JSON or lacks a section or field of the report,
+            or masks.npz next to it is unreadable (MasksFileError).
     """
     try:
         evaluation = json.loads(evaluation_path.read_text(encoding="utf-8"))
@@ -219,6 +226,8 @@ def write_report(evaluation_path: Path, title: str | None = None) -> Path:
         )
     try:
         return _write_report(evaluation, evaluation_path.parent, title)
+    except MasksFileError:
+        raise
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
         raise ValueError(
             f"invalid evaluation file {evaluation_path}: missing or malformed content "
@@ -231,9 +240,16 @@ def _write_report(evaluation: dict, folder: Path, title: str | None) -> Path:
     plot_accuracy_vs_flops(evaluation, folder / "accuracy_vs_flops.png")
     plot_flops_histogram(evaluation, folder / "flops_histogram.png")
     masks_path = folder / "masks.npz"
-    mask_blocks = (
-        plot_token_masks(masks_path, folder / "token_masks.png") if masks_path.is_file() else None
-    )
+    mask_blocks = None
+    if masks_path.is_file():
+        try:
+            mask_blocks = plot_token_masks(masks_path, folder / "token_masks.png")
+        except (KeyError, IndexError, ValueError, OSError, zipfile.BadZipFile) as error:
+            raise MasksFileError(
+                f"invalid masks file {masks_path}: {type(error).__name__}: {error}; rerun "
+                "`python -m training.evaluate`, or delete it to write the report without "
+                "token masks"
+            ) from None
 
     adaptivity = evaluation["adaptivity"]
     ablation = evaluation["ablation"]

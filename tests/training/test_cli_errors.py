@@ -13,7 +13,7 @@ import torch
 from model_core.checkpoint import save_checkpoint
 from model_core.model import AdaMTL
 from model_core.presets import get_preset
-from training import evaluate
+from training import evaluate, report
 from training.datasets.scenes import generate_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,3 +125,16 @@ def test_evaluate_rejects_invalid_options(tiny_run, one_torch_thread):
         with pytest.raises(ValueError, match=re.escape(message)):
             evaluate.main(evaluate_args(root, tiny, *extra))
     assert not (root / "report" / "evaluation.json").exists()
+
+
+def test_report_corrupt_masks_file(tmp_path):
+    evaluation = tmp_path / "evaluation.json"
+    evaluation.write_text((REPO / "docs" / "demo-evaluation.json").read_text())
+    masks = tmp_path / "masks.npz"
+    masks.write_text("not an npz archive")
+    with pytest.raises(ValueError, match=re.escape(f"invalid masks file {masks}")):
+        report.write_report(evaluation)
+
+    # Without masks.npz the report is written without the token mask figure.
+    masks.unlink()
+    assert "token masks" not in report.write_report(evaluation).read_text()
