@@ -188,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--threads", type=int, default=default_threads(), help="torch CPU threads per process"
     )
-    run.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    run.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="device of training: cpu, cuda, or auto (CUDA when available)",
+    )
     run.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
     run.add_argument(
         "--eval-every", type=int, default=0, help="epochs between val evaluations (0: never)"
@@ -209,6 +214,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--backbone weights file not found: {args.backbone}")
     if not args.data.is_dir():
         raise ValueError(f"--data folder not found: {args.data}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; pass --device cpu or auto")
     if args.resume and args.restart:
         raise ValueError("--resume and --restart exclude each other")
 

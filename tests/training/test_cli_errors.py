@@ -138,3 +138,16 @@ def test_report_corrupt_masks_file(tmp_path):
     # Without masks.npz the report is written without the token mask figure.
     masks.unlink()
     assert "token masks" not in report.write_report(evaluation).read_text()
+
+
+def test_train_invalid_device(tmp_path):
+    common = ["--stage", "static", "--preset", "tiny", "--data", str(tmp_path), "--out",
+              str(tmp_path / "run")]  # fmt: skip
+    result = run_module("training.train", *common, "--device", "gpu")
+    assert result.returncode == 2
+    assert "invalid choice: 'gpu'" in result.stderr
+    if not torch.cuda.is_available():
+        result = run_module("training.train", *common, "--device", "cuda")
+        assert result.returncode == 2
+        assert "--device cuda: no CUDA device is available" in result.stderr
+        assert "Traceback" not in result.stderr
