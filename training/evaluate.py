@@ -147,8 +147,29 @@ def _preset_key(config) -> tuple:
     return config.name, config.img_size, config.tasks
 
 
-def check_models(args: argparse.Namespace, models: dict[str, AdaMTL], train_images: int) -> None:
-    """Raise ValueError unless the checkpoints come from one preset and the budgets fit it."""
+def check_models(
+    args: argparse.Namespace,
+    models: dict[str, AdaMTL],
+    train_images: int,
+    static_stage: str | None = None,
+) -> None:
+    """Raise ValueError unless the checkpoints fit their roles and come from one preset.
+
+    The adaptive and task-agnostic models need a budget calibration table, which only the
+    cotrain stage writes. `static_stage` is the stage recorded in the --static checkpoint's
+    provenance (None for checkpoints without one). The budgets must fit the preset.
+    """
+    for name in ("adaptive", "task_agnostic"):
+        if name in models and models[name].calibration is None:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {getattr(args, name)} has no budget calibration "
+                "table: pass the model.safetensors of a cotrain stage"
+            )
+    if static_stage not in (None, "static"):
+        raise ValueError(
+            f"--static {args.static} was written by the {static_stage} stage: pass the "
+            "model.safetensors of the static stage"
+        )
     config = models["adaptive"].config
     for name, model in models.items():
         other = model.config
@@ -363,7 +384,7 @@ def _open_split(args: argparse.Namespace, split: str, size: int, tasks) -> Datas
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement of the report and return them as one JSON-ready dict."""
     adaptive_model, adaptive_meta = load_checkpoint(args.adaptive)
-    static_model, _ = load_checkpoint(args.static)
+    static_model, static_meta = load_checkpoint(args.static)
     models = {"adaptive": adaptive_model, "static": static_model}
     if args.task_agnostic is not None:
         models["task_agnostic"] = load_checkpoint(args.task_agnostic)[0]
@@ -375,7 +396,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         val = Subset(val, range(min(args.val_limit, len(val))))
     train = _open_split(args, "train", config.img_size, config.tasks)
     count = len(train)
-    check_models(args, models, count)
+    check_models(args, models, count, static_meta.get("provenance", {}).get("stage"))
     calibration = stack_images(Subset(train, range(count - args.calibration_images, count)))
     loader = eval_loader(val, args.batch_size)
     logger.info("evaluating on %d val images", len(val))

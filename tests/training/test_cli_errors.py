@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_core.calibration import calibrate
 from model_core.checkpoint import save_checkpoint
 from model_core.model import AdaMTL
 from model_core.presets import get_preset
@@ -95,8 +96,13 @@ def tiny_run(tmp_path_factory):
     generate_split(root / "data", "train", count=6, size=64, seed=0)
     generate_split(root / "data", "val", count=2, size=64, seed=1)
     torch.manual_seed(0)
-    tiny = save_checkpoint(AdaMTL(get_preset("tiny")), root / "tiny.safetensors")
-    return root, tiny
+    model = AdaMTL(get_preset("tiny"))
+    uncalibrated = save_checkpoint(
+        model, root / "static.safetensors", provenance={"stage": "static"}
+    )
+    calibrate(model, torch.rand(4, 3, 64, 64), budgets=[0.5], tolerance=0.05, max_steps=6)
+    tiny = save_checkpoint(model, root / "tiny.safetensors", provenance={"stage": "cotrain"})
+    return root, tiny, uncalibrated
 
 
 def evaluate_args(root: Path, checkpoint: Path, *extra: str):
@@ -108,7 +114,7 @@ def evaluate_args(root: Path, checkpoint: Path, *extra: str):
 
 
 def test_evaluate_rejects_invalid_options(tiny_run, one_torch_thread):
-    root, tiny = tiny_run
+    root, tiny, uncalibrated = tiny_run
     file = root / "file"
     file.write_text("")
     cases = {
@@ -120,10 +126,15 @@ def test_evaluate_rejects_invalid_options(tiny_run, one_torch_thread):
         ("--out-dir", str(file)): f"--out-dir {file} is a file",
         ("--export", str(root / "absent" / "m.safetensors")): "--export folder",
         ("--static", str(REPO / "checkpoints" / "demo.safetensors")): "is preset demo (192 px",
+        ("--static", str(tiny)): f"--static {tiny} was written by the cotrain stage",
+        ("--adaptive", str(uncalibrated)): f"--adaptive {uncalibrated} has no budget calibration",
     }
     for extra, message in cases.items():
+        args = evaluate_args(root, tiny, *extra)
+        if "--static" not in extra:
+            args.static = uncalibrated
         with pytest.raises(ValueError, match=re.escape(message)):
-            evaluate.main(evaluate_args(root, tiny, *extra))
+            evaluate.main(args)
     assert not (root / "report" / "evaluation.json").exists()
 
 
