@@ -116,7 +116,7 @@ case "$PRESET" in
 esac
 for key in "${!SET[@]}"; do S[$key]="${SET[$key]}"; done
 
-# Check the integer options here, so that a typo stops the run before data generation.
+# Check the options here, so that a typo stops the run before data generation.
 check_int() {  # NAME VALUE MINIMUM
     if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 )); then
         echo "error: invalid $1 '$2': must be an integer of at least $3" >&2
@@ -137,6 +137,23 @@ done
 for key in steps-per-epoch agnostic-steps-per-epoch; do
     [[ -z "${S[$key]}" ]] || check_int "--$key" "${S[$key]}" 1
 done
+for key in lr policy-lr distill calibration-step calibration-tolerance; do
+    if ! [[ "${S[$key]}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; then
+        echo "error: invalid --$key '${S[$key]}': must be a non-negative number such as 0.001" >&2
+        exit 2
+    fi
+done
+check_choice() {  # NAME VALUE CHOICE...
+    local name="$1" value="$2"
+    shift 2
+    for choice in "$@"; do [[ "$value" == "$choice" ]] && return 0; done
+    echo "error: invalid $name '$value': use one of $*" >&2
+    exit 2
+}
+check_choice --class-weights "${S[class-weights]}" none balanced
+check_choice --budget-sampling "${S[budget-sampling]}" uniform low
+check_choice --budget-split "${S[budget-split]}" uniform latency
+check_choice --precision "${S[precision]}" fp32 bf16
 if (( 10#${S[calibration-images]} >= 10#${S[train-count]} )); then
     echo "error: --calibration-images ${S[calibration-images]} leaves no training image out of" \
         "--train-count ${S[train-count]}; lower it or raise --train-count" >&2

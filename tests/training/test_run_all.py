@@ -91,6 +91,10 @@ def test_run_all_rejects_invalid_options(tmp_path):
         ("--preset", "smoke", "--out", out, "--calibration-images", "40"): (
             "--calibration-images 40 leaves no training image out of --train-count 40"
         ),
+        ("--preset", "smoke", "--out", out, "--lr", "abc"): "invalid --lr 'abc'",
+        ("--preset", "smoke", "--out", out, "--distill", "-1"): "invalid --distill '-1'",
+        ("--preset", "smoke", "--out", out, "--precision", "fp16"): "invalid --precision 'fp16'",
+        ("--preset", "smoke", "--out", out, "--class-weights", "x"): "invalid --class-weights",
         ("--preset", "nope"): "error: unknown preset 'nope'",
     }
     for args, message in cases.items():
