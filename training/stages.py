@@ -244,6 +244,11 @@ def build_model(args: argparse.Namespace) -> tuple[AdaMTL, dict[str, Any]]:
         return model, {}
 
     source, metadata = load_checkpoint(args.init)
+    if args.preset is not None and args.preset != source.config.name:
+        raise ValueError(
+            f"--preset {args.preset} differs from preset {source.config.name} of --init "
+            f"{args.init}: leave --preset out, the stage continues the --init model"
+        )
     data = source.config.to_dict()
     if args.policy_mode is not None:
         data["policy_mode"] = args.policy_mode

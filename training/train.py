@@ -210,6 +210,11 @@ def validate_args(args: argparse.Namespace) -> None:
                          "stage's model.safetensors")  # fmt: skip
     if args.init is not None and not args.init.is_file():
         raise ValueError(f"--init checkpoint not found: {args.init}")
+    if args.backbone is not None and args.init is not None:
+        raise ValueError(
+            "--backbone applies only to a static stage without --init, whose encoder starts "
+            "from the ImageNet weights; leave one of them out"
+        )
     if args.backbone is not None and not args.backbone.is_file():
         raise ValueError(f"--backbone weights file not found: {args.backbone}")
     if not args.data.is_dir():

@@ -115,6 +115,24 @@ def test_main_rejects_non_finite_floats(data_root, tmp_path):
     assert not (tmp_path / "static").exists(), "validation must fail before anything is written"
 
 
+def test_init_rejects_other_preset_and_backbone(data_root, tmp_path):
+    init = fresh_checkpoint(tmp_path / "tiny.safetensors")
+    other_preset = parse(
+        data_root, tmp_path, "--stage", "policy_init", "--init", str(init), "--preset", "demo"
+    )
+    with pytest.raises(ValueError, match=r"--preset demo differs from preset tiny of --init"):
+        main(other_preset)
+    backbone = tmp_path / "backbone.pth"
+    backbone.write_bytes(b"")
+    with_backbone = parse(
+        data_root, tmp_path, "--stage", "policy_init", "--init", str(init), "--backbone",
+        str(backbone),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"--backbone applies only to a static stage"):
+        main(with_backbone)
+    assert not (tmp_path / "policy_init" / "model.safetensors").exists()
+
+
 def test_static_stage_outputs(data_root, tmp_path):
     args = parse(
         data_root, tmp_path, "--stage", "static", "--preset", "tiny", "--epochs", "2",
