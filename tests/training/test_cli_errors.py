@@ -1,4 +1,5 @@
-"""Invalid input to the training command lines ends in a one-line error, never a traceback."""
+"""Invalid input to the training command lines ends in a one-line error, with a traceback only
+under Python's development mode."""
 
 import json
 import os
@@ -20,10 +21,10 @@ from training.datasets.scenes import generate_split
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, python_options=()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, *python_options, "-m", module, *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -162,3 +163,13 @@ def test_train_invalid_device(tmp_path):
         assert result.returncode == 2
         assert "--device cuda: no CUDA device is available" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_dev_mode_prints_traceback(tmp_path):
+    missing = tmp_path / "absent.json"
+    result = run_module(
+        "training.report", "--evaluation", str(missing), python_options=["-X", "dev"]
+    )
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr
+    assert f"--evaluation file not found: {missing}" in result.stderr.splitlines()[-1]
