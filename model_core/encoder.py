@@ -79,7 +79,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any reader failure means an unusable file
-        raise BackboneWeightsError(f"cannot read backbone weights {path}: {error}") from error
+        raise BackboneWeightsError(
+            f"cannot read backbone weights {path} ({type(error).__name__}: {error}); check that "
+            "it is a complete .safetensors, .pth or .bin file of a Swin state dict"
+        ) from error
     if not isinstance(state, dict):
         raise BackboneWeightsError(
             f"invalid backbone weights {path}: found a {type(state).__name__}, "

@@ -386,6 +386,17 @@ def test_backbone_weights_missing_file(tmp_path):
         load_backbone_weights(make_model().encoder, tmp_path / "none.pth")
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_backbone_weights_corrupt_file(tmp_path, suffix):
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(b"not a state dict")
+    with pytest.raises(BackboneWeightsError) as raised:
+        load_backbone_weights(make_model().encoder, path)
+    message = str(raised.value)
+    assert f"cannot read backbone weights {path} (" in message
+    assert "complete .safetensors, .pth or .bin file" in message
+
+
 def test_predictor_returns_maps_at_original_size(calibrated_model):
     predictor = Predictor(calibrated_model)
     rng = np.random.default_rng(0)
