@@ -59,7 +59,7 @@ def test_model_latency_on_demo_scenes():
     assert abs(rows[1]["flops_ratio"] - 0.4) < 0.1
 
 
-def run_model_latency(tmp_path, *args: str) -> subprocess.CompletedProcess:
+def run_model_latency(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "benchmarks.model_latency", "--preset", "tiny", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
 
@@ -77,7 +77,7 @@ def test_model_latency_rejects_invalid_options(tmp_path):
         ("--checkpoint", str(junk)): "is not a readable safetensors file",
     }
     for args, message in cases.items():
-        result = run_model_latency(tmp_path, *args, "--batch", "1", "--repeats", "1")
+        result = run_model_latency(*args, "--batch", "1", "--repeats", "1")
         assert result.returncode == 2, args
         assert "Traceback" not in result.stderr, args
         assert message in result.stderr, args
