@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from model_core.allocator import reuse_freed_memory
 from model_core.model import AdaMTL
 from model_core.presets import get_preset, preset_names
 from model_core.skipping import run_block_packed
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as the service does
     rows = measure(args)
     if args.json:
         for row in rows:

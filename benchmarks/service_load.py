@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.model_latency import build_predictor
+from model_core.allocator import reuse_freed_memory
 from model_core.checkpoint import save_checkpoint
 from model_core.predictor import Predictor
 from service.imaging import decode_image
@@ -492,6 +493,7 @@ def service_config(args: argparse.Namespace, checkpoint: Path, workdir: Path) ->
 def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     """Run every phase and return one row per concurrency level and the run's conditions."""
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # in this process too: the service sets it by default
     jpegs = generate_jpegs(args.images, args.seed)
     with tempfile.TemporaryDirectory(prefix="adamtl-service-load-") as directory:
         workdir = Path(directory)

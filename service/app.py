@@ -130,6 +130,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    if settings.reuse_freed_memory:
+        from model_core.allocator import reuse_freed_memory
+
+        if not reuse_freed_memory():
+            logger.info(
+                "malloc's thresholds were left as they are: the C library has no mallopt, or "
+                "the environment sets them"
+            )
 
     started = time.perf_counter()
     predictor = state.predictor

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         "this process may use.",
     )
 
+    reuse_freed_memory: bool = Field(
+        True,
+        description="Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of "
+        "unmapping them, which saves the page faults of fresh memory on every request "
+        "(model_core.allocator). Environment variables that set malloc's thresholds win.",
+    )
     malloc_trim_interval_s: float = Field(
         10.0,
         le=86_400,
