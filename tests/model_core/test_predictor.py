@@ -28,6 +28,9 @@ def test_bilinear_resize_matches_interpolate(in_size, out_size):
     resized = bilinear_resize(maps, out_size)
     assert resized.shape == expected.shape
     torch.testing.assert_close(resized, expected, atol=2e-5, rtol=1e-5)
+    interleaved = bilinear_resize(maps, out_size, channels_last=True)
+    assert interleaved.is_contiguous()
+    torch.testing.assert_close(interleaved, expected.permute(1, 2, 0), atol=2e-5, rtol=1e-5)
 
 
 def test_bilinear_resize_integer_map_matches_interpolate():
