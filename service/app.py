@@ -27,6 +27,7 @@ from service.deps import RETRY_AFTER_S, InFlightRequest, PredictJob, ServiceStat
 from service.errors import error_response, install_error_handlers
 from service.memory import MemoryTrimmer, load_malloc_trim
 from service.metrics import UNMATCHED_ENDPOINT, ServiceMetrics
+from service.priority import lower_thread_priority
 from service.routes import router
 from service.settings import Settings, missing_checkpoint_message
 
@@ -187,7 +188,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.image_limiter = anyio.CapacityLimiter(
         settings.image_threads or len(os.sched_getaffinity(0))
     )
-    state.png_helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adamtl-png")
+    state.png_helper = ThreadPoolExecutor(
+        max_workers=1,
+        thread_name_prefix="adamtl-png",
+        initializer=lower_thread_priority,
+        initargs=(settings.image_thread_niceness,),
+    )
 
     if settings.warmup:
         await batcher.run_in_worker(lambda: _warm_up(predictor, settings.max_batch_size))

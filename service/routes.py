@@ -26,6 +26,7 @@ from service.batching import (
 )
 from service.deps import RETRY_AFTER_S, PredictJob, ReadyStateDep, StateDep
 from service.errors import ServiceError, shorten
+from service.priority import lower_thread_priority
 from service.schemas import (
     Compute,
     ErrorResponse,
@@ -322,13 +323,19 @@ def encode_output(
     return TaskOutput(png=imaging.encode_labels(value, names), classes=names)
 
 
+def _decode_in_image_thread(niceness: int, *args: Any) -> imaging.DecodedImage:
+    lower_thread_priority(niceness)
+    return imaging.decode_upload(*args)
+
+
 class MapEncoder:
     """Resize and encode the maps of one request after its forward pass.
 
     Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
     lock, so the maps of one request are processed in parallel when cores are idle, and the
     inference thread can run the next batch meanwhile. `limiter` caps the threads of all
-    requests together, and `helper` compresses half of each large map when it is idle.
+    requests together, and `helper` compresses half of each large map when it is idle. Each
+    thread's nice value is raised by `niceness` (service.priority).
     """
 
     def __init__(
@@ -337,11 +344,13 @@ class MapEncoder:
         size: tuple[int, int],
         limiter: anyio.CapacityLimiter | None,
         helper: Executor | None,
+        niceness: int = 0,
     ) -> None:
         self._predictor = predictor
         self._size = size  # (height, width)
         self._limiter = limiter
         self._helper = helper
+        self._niceness = niceness
         self._closed = False
         self._started: dict[str, asyncio.Future[TaskOutput]] = {}
 
@@ -358,6 +367,7 @@ class MapEncoder:
         if self._closed:
             # The request failed before this map's thread started.
             raise _MapSkipped(task)
+        lower_thread_priority(self._niceness)
         value = self._predictor.postprocess(task, output, *self._size)
         if self._closed:
             # The request failed or timed out while this map was resized.
@@ -536,7 +546,8 @@ async def predict(
         deadline = loop.time() + timeout_s
         try:
             image = await anyio.to_thread.run_sync(
-                imaging.decode_upload,
+                _decode_in_image_thread,
+                settings.image_thread_niceness,
                 data,
                 settings.max_image_pixels,
                 predictor.input_size,
@@ -552,7 +563,9 @@ async def predict(
             raise _timed_out(timeout_s, "while decoding the image")
 
         size = (image.height, image.width)
-        maps = MapEncoder(predictor, size, state.image_limiter, state.png_helper)
+        maps = MapEncoder(
+            predictor, size, state.image_limiter, state.png_helper, settings.image_thread_niceness
+        )
         job = PredictJob(image.pixels, budget, task_list)
         submitted = asyncio.ensure_future(batcher.submit(job, deadline - loop.time(), admission))
         disconnected = asyncio.ensure_future(wait_for_disconnect(request))

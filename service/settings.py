@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         description="Threads that decode uploads and encode output PNGs; unset uses one per CPU "
         "this process may use.",
     )
+    image_thread_niceness: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="Nice value added to the threads that decode uploads and resize and encode "
+        "maps, so that under load the inference thread, which every request waits for, gets a "
+        "core first. 0 leaves them at the process's priority. Linux only.",
+    )
 
     reuse_freed_memory: bool = Field(
         True,

@@ -1,0 +1,136 @@
+"""Nice values of the image threads: raised once per thread, never for the inference thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.priority import lower_thread_priority
+from tests.service.conftest import make_settings
+
+needs_linux = pytest.mark.skipif(
+    sys.platform != "linux", reason="only Linux gives each thread its own nice value"
+)
+
+
+def _nice(thread_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, thread_id)
+
+
+def _in_new_thread(function) -> list[int]:
+    """Run `function(record)` in a fresh thread; `record()` notes the thread's nice value."""
+    values: list[int] = []
+
+    def run() -> None:
+        function(lambda: values.append(_nice(threading.get_native_id())))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return values
+
+
+@needs_linux
+def test_niceness_is_added_once_per_thread():
+    def steps(record) -> None:
+        record()
+        lower_thread_priority(3)
+        record()
+        lower_thread_priority(3)
+        record()
+
+    base = _nice(os.getpid())
+    start, once, twice = _in_new_thread(steps)
+    assert start == base
+    assert once == min(19, base + 3)
+    assert twice == once
+    assert _nice(os.getpid()) == base
+
+
+@needs_linux
+def test_inherited_niceness_is_not_added_again():
+    values: list[int] = []
+
+    def child() -> None:
+        lower_thread_priority(3)
+        values.append(_nice(threading.get_native_id()))
+
+    def parent() -> None:
+        lower_thread_priority(3)
+        values.append(_nice(threading.get_native_id()))
+        # The child inherits the raised value, and lowering it again adds nothing.
+        thread = threading.Thread(target=child)
+        thread.start()
+        thread.join()
+
+    thread = threading.Thread(target=parent)
+    thread.start()
+    thread.join()
+    assert values == [min(19, _nice(os.getpid()) + 3)] * 2
+
+
+@needs_linux
+def test_niceness_is_capped_at_19():
+    assert _in_new_thread(lambda record: (lower_thread_priority(25), record())) == [19]
+
+
+@needs_linux
+def test_higher_nice_value_is_kept():
+    def steps(record) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 18)
+        lower_thread_priority(3)
+        record()
+
+    assert _in_new_thread(steps) == [max(18, min(19, _nice(os.getpid()) + 3))]
+
+
+@needs_linux
+def test_zero_niceness_changes_nothing():
+    def steps(record) -> None:
+        record()
+        lower_thread_priority(0)
+        record()
+
+    before, after = _in_new_thread(steps)
+    assert after == before
+
+
+@needs_linux
+def test_service_lowers_image_threads_only(checkpoint_path, photos):
+    app = create_app(make_settings(checkpoint_path, image_thread_niceness=4))
+    base = _nice(os.getpid())
+
+    async def scenario() -> tuple[int, dict[str, int]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with app.router.lifespan_context(app):
+                response = await client.post(
+                    "/predict",
+                    params={"budget": 0.6},
+                    content=photos["rocket.jpg"],
+                    headers={"content-type": "image/jpeg"},
+                )
+                # Read while the service's threads still exist.
+                nice = {
+                    thread.name: _nice(thread.native_id)
+                    for thread in threading.enumerate()
+                    if thread.native_id is not None
+                }
+        return response.status_code, nice
+
+    status, nice = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert status == 200
+    inference = [value for name, value in nice.items() if name.startswith("adamtl-inference")]
+    assert inference == [base]
+    helper = [value for name, value in nice.items() if name.startswith("adamtl-png")]
+    assert helper == [min(19, base + 4)]
+    # The four maps and the upload were decoded and encoded on anyio's worker threads.
+    workers = [value for name, value in nice.items() if name.startswith("AnyIO worker")]
+    assert workers
+    assert all(value == min(19, base + 4) for value in workers)
