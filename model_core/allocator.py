@@ -4,9 +4,9 @@ By default glibc serves an allocation of 128 KiB or more with a mapping of its o
 it on `free`, raising that threshold as mapped blocks are freed (mallopt(3)). Each fresh
 mapping costs a page fault per 4 KiB page at first touch, which the kernel fills with zeros.
 A forward pass and its post-processing allocate many buffers of a few megabytes. A loop that
-allocated and freed a 640x480x3 float32 array and three smaller ones took 2,596 page faults
-and 5.0 ms per round with glibc 2.36's defaults, against 52 faults and 0.67 ms with the
-settings below (development machine). They keep freed blocks of up to 32 MiB inside the heap,
+allocated and freed a 640x480x3 float32 array and three more took 2,596 page faults and 5.0
+ms per round with glibc 2.36's defaults, against 52 faults and 0.67 ms with the settings
+below (development machine). They keep freed blocks of up to 32 MiB inside the heap,
 and return free memory at the heap's top to the kernel only once more than 64 MiB of it has
 gathered. A process that calls `malloc_trim` (as the service does periodically) still hands
 the rest back.
