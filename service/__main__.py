@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -28,6 +30,10 @@ logger = logging.getLogger("service")
 
 # Seconds uvicorn waits after the drain for open connections to finish sending responses.
 FLUSH_TIMEOUT_S = 3
+# A SIGTERM this soon after the first one is the same request delivered twice, not a second
+# request to stop at once: `kill -TERM -- -PGID` on `make serve` reaches the service directly
+# and through make, which passes it on to its children.
+REPEATED_SIGTERM_S = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             super().__init__(config)
             self._loop: asyncio.AbstractEventLoop | None = None
             self._drain_signal: int | None = None
+            self._drain_signal_at = 0.0  # time.monotonic() of the first signal
             # Strong references, because the event loop keeps only weak ones to its tasks.
             self._drain_tasks: list[asyncio.Task] = []
 
@@ -143,7 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                 super().handle_exit(sig, frame)
             elif self._drain_signal is None:
                 self._drain_signal = sig
+                self._drain_signal_at = time.monotonic()
                 self._loop.call_soon_threadsafe(self._start_drain, settings.drain_timeout_s)
+            elif (
+                sig == signal.SIGTERM == self._drain_signal
+                and time.monotonic() - self._drain_signal_at < REPEATED_SIGTERM_S
+            ):
+                logger.info(
+                    "SIGTERM again within %g s of the first: taken as the same request, so "
+                    "the drain goes on",
+                    REPEATED_SIGTERM_S,
+                )
             elif not self.should_exit:
                 logger.info("second signal during the drain: sending 503 to unfinished requests")
                 self._loop.call_soon_threadsafe(self._start_drain, 0.0)

@@ -133,8 +133,10 @@ class ServiceState:
         # Collected after stop() returned and cancelled with no await in between, so no request
         # can start its response after this check. Cancelling a started one would cut its body.
         unanswered = [request for request in self.in_flight if not request.response_started]
+        # The deadline is ADAMTL_DRAIN_TIMEOUT_S after the first signal, or now after a second.
         logger.warning(
-            "drain timed out with %d requests in flight; sending 503 to the %d without a response",
+            "drain deadline reached; requests in flight: %d, of which %d get a 503 because "
+            "their response has not started",
             len(self.in_flight),
             len(unanswered),
         )
