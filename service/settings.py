@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.memory import MIN_INTERVAL_S
 
 DEFAULT_CHECKPOINT = Path("checkpoints/demo.safetensors")
+MAX_TRIM_INTERVAL_S = 86_400  # one day
 ENV_PREFIX = "ADAMTL_"
 
 
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
     )
     malloc_trim_interval_s: float = Field(
         10.0,
-        le=86_400,
+        le=MAX_TRIM_INTERVAL_S,
         allow_inf_nan=False,
         description="Seconds between calls of glibc's malloc_trim, which returns freed heap "
         "pages to the system. 0 turns it off, and other values must be at least "
@@ -172,6 +173,66 @@ def missing_checkpoint_message(checkpoint: Path) -> str:
     )
 
 
+# pydantic's error types for a value of the wrong kind or out of range. Their messages name
+# the expected kind or one bound, so the message gets the whole accepted range added.
+_VALUE_ERRORS = frozenset(
+    {
+        "bool_parsing",
+        "bool_type",
+        "int_parsing",
+        "int_type",
+        "int_from_float",
+        "float_parsing",
+        "float_type",
+        "finite_number",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+    }
+)
+
+
+_BOUND_WORDS = (("ge", "at least"), ("gt", "above"), ("le", "at most"), ("lt", "below"))
+
+
+def _accepted_values(field: str) -> str | None:
+    """Describe the values a numeric or boolean setting accepts, e.g. "an integer from 0 to 19"."""
+    if field == "malloc_trim_interval_s":
+        # Its validator also rejects values between 0 and MIN_INTERVAL_S.
+        interval = f"{MIN_INTERVAL_S:g} to {MAX_TRIM_INTERVAL_S:g}"
+        return f"0 to turn trimming off, or a number from {interval}"
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return None
+
+    kinds = set(get_args(info.annotation)) or {info.annotation}
+    optional = type(None) in kinds
+    kinds.discard(type(None))
+    if kinds == {bool}:
+        return "true or false"
+    if kinds == {int}:
+        kind = "an integer"
+    elif kinds == {float}:
+        kind = "a number"
+    else:
+        return None
+
+    bounds = {}
+    for constraint in info.metadata:
+        for name, _ in _BOUND_WORDS:
+            value = getattr(constraint, name, None)
+            if value is not None:
+                bounds[name] = value
+    if "ge" in bounds and "le" in bounds:
+        text = f"{kind} from {bounds['ge']:g} to {bounds['le']:g}"
+    else:
+        limits = [f"{words} {bounds[name]:g}" for name, words in _BOUND_WORDS if name in bounds]
+        text = f"{kind} {' and '.join(limits)}" if limits else kind
+
+    return f"{text}, or leave it unset" if optional else text
+
+
 def format_settings_error(error: ValidationError) -> str:
     """Turn a settings validation error into one line per invalid variable."""
     lines = ["invalid service settings:"]
@@ -181,7 +242,9 @@ def format_settings_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if field:
             name = f"{ENV_PREFIX}{field.upper()}"
-            lines.append(f"  {name}={item.get('input')!r}: {message}")
+            accepted = _accepted_values(field) if item["type"] in _VALUE_ERRORS else None
+            hint = f"; use {accepted}" if accepted else ""
+            lines.append(f"  {name}={item.get('input')!r}: {message}{hint}")
         else:
             lines.append(f"  {message}")
     return "\n".join(lines)
