@@ -11,14 +11,15 @@ and return free memory at the heap's top to the kernel only once more than 64 Mi
 gathered. A process that calls `malloc_trim` (as the service does periodically) still hands
 the rest back.
 
-Environment variables that set these thresholds take precedence: `reuse_freed_memory` then
-changes nothing.
+A threshold that an environment variable sets (`MALLOC_MMAP_THRESHOLD_`,
+`MALLOC_TRIM_THRESHOLD_` or its name in `GLIBC_TUNABLES`) keeps the environment's value.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 
 __all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "reuse_freed_memory"]
 
@@ -26,32 +27,48 @@ __all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "reuse_freed_memory"]
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-# The largest threshold glibc accepts on 64-bit systems (half of its 64 MiB heap size).
+# Blocks up to 32 MiB, the most that glibc's own adjustment reaches on 64-bit systems
+# (DEFAULT_MMAP_THRESHOLD_MAX in mallopt(3)), come from the heap. Larger ones still get a
+# mapping of their own.
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
 
-_THRESHOLD_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-_THRESHOLD_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+# Per mallopt parameter: our value, the environment variable and the glibc tunable that set it.
+_THRESHOLDS = (
+    (
+        _M_MMAP_THRESHOLD,
+        MMAP_THRESHOLD_BYTES,
+        "MALLOC_MMAP_THRESHOLD_",
+        "glibc.malloc.mmap_threshold",
+    ),
+    (
+        _M_TRIM_THRESHOLD,
+        TRIM_THRESHOLD_BYTES,
+        "MALLOC_TRIM_THRESHOLD_",
+        "glibc.malloc.trim_threshold",
+    ),
+)
 
 
-def _set_by_environment() -> bool:
-    if any(name in os.environ for name in _THRESHOLD_VARIABLES):
-        return True
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    return any(name in tunables for name in _THRESHOLD_TUNABLES)
+def _tunable_names(environ: Mapping[str, str]) -> set[str]:
+    """Names in GLIBC_TUNABLES, a colon-separated list of name=value pairs."""
+    pairs = environ.get("GLIBC_TUNABLES", "").split(":")
+    return {pair.split("=", 1)[0] for pair in pairs if "=" in pair}
 
 
 def reuse_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (see the module docstring).
 
+    A threshold that the environment sets keeps its value, and the other one is still raised.
+    Setting either one stops glibc's own adjustment of the mmap threshold (mallopt(3)), so
+    leaving the other at its default would map every block of 128 KiB or more afresh.
+
     Call it once, early; allocations made before keep their place. Safe to call again.
 
     Returns:
-        True when the thresholds were set. False where the C library has no `mallopt` (musl,
-        macOS), where glibc refused a value, or where the environment sets either threshold.
+        True when this call set both thresholds. False where the C library has no `mallopt`
+        (musl, macOS), where glibc refused a value, or where the environment sets either one.
     """
-    if _set_by_environment():
-        return False
     try:
         # The C library this process has loaded already, without searching the file system.
         mallopt = ctypes.CDLL(None).mallopt
@@ -59,8 +76,11 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success. Setting either threshold also stops glibc's own
-    # adjustment of both (mallopt(3)).
-    mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-    trimmed = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    return mapped and trimmed
+    tunables = _tunable_names(os.environ)
+    all_set = True
+    for parameter, value, variable, tunable in _THRESHOLDS:
+        if variable in os.environ or tunable in tunables:
+            all_set = False
+        elif mallopt(parameter, value) != 1:  # mallopt returns 1 on success
+            all_set = False
+    return all_set

@@ -136,8 +136,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         if not reuse_freed_memory():
             logger.info(
-                "malloc's thresholds were left as they are: the C library has no mallopt, or "
-                "the environment sets them"
+                "malloc's thresholds were not both raised: the C library has no mallopt, or the "
+                "environment sets one, which keeps the environment's value"
             )
 
     started = time.perf_counter()

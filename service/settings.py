@@ -54,7 +54,7 @@ class Settings(BaseSettings):
         True,
         description="Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of "
         "unmapping them, which saves the page faults of fresh memory on every request "
-        "(model_core.allocator). Environment variables that set malloc's thresholds win.",
+        "(model_core.allocator). A threshold that the environment sets keeps its value.",
     )
     malloc_trim_interval_s: float = Field(
         10.0,

@@ -76,11 +76,29 @@ def test_freed_buffers_are_reused_without_new_page_faults():
 @pytest.mark.parametrize(
     "variable",
     [
-        {"MALLOC_TRIM_THRESHOLD_": "1048576"},
-        {"MALLOC_MMAP_THRESHOLD_": "1048576"},
-        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"},
+        {"MALLOC_TRIM_THRESHOLD_": "134217728"},
+        {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.trim_threshold=134217728"},
     ],
 )
-def test_thresholds_from_the_environment_win(variable):
-    _, applied, _ = _run(variable)
+def test_environment_keeps_its_threshold_and_the_other_is_raised(variable):
+    # glibc stops adjusting the mmap threshold once the trim threshold is set, so without
+    # the raised mmap threshold every round would map its buffers afresh.
+    before, applied, after = _run(variable)
     assert not applied
+    assert after < 100, f"{after} page faults per round after the call ({before} before)"
+
+
+@needs_glibc
+def test_environment_mmap_threshold_is_kept():
+    # A 1 MiB mmap threshold maps the 3.7 MB buffers afresh in every round, whatever the
+    # trim threshold: the environment's value wins over ours.
+    _, applied, after = _run({"MALLOC_MMAP_THRESHOLD_": "1048576"})
+    assert not applied
+    assert after > 1000
+
+
+@needs_glibc
+def test_unknown_tunable_name_is_ignored():
+    _, applied, after = _run({"GLIBC_TUNABLES": "xglibc.malloc.mmap_threshold=1"})
+    assert applied
+    assert after < 100
