@@ -154,11 +154,16 @@ class ServiceState:
             await asyncio.sleep(_DRAIN_POLL_S)
 
 
-def get_state(request: Request) -> ServiceState:
+# The dependencies are coroutines, although they never wait: FastAPI runs plain functions on
+# anyio's worker threads, which also decode and encode images at a raised nice value
+# (service.priority), and each such call costs two thread switches.
+
+
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_ready_state(request: Request) -> ServiceState:
+async def get_ready_state(request: Request) -> ServiceState:
     """Return the service state, or raise 503 while the model loads or the service drains."""
     state: ServiceState = request.app.state.service
     if not state.ready:

@@ -135,7 +135,7 @@ def parse_tasks(raw: str | None, available: tuple[str, ...]) -> list[str]:
 _PREDICT_PARAMETERS = ("budget", "tasks")
 
 
-def reject_repeated_parameters(request: Request) -> None:
+async def reject_repeated_parameters(request: Request) -> None:
     """Raise 422 `invalid_parameter` when a query parameter of /predict is given more than once.
 
     Without this check `budget=0.5&budget=0.9` would run at 0.9, and `tasks=semseg&tasks=normals`

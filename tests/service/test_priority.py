@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import sys
 import threading
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 
 from service.app import create_app
 from service.priority import lower_thread_priority
+from service.routes import router
 from tests.service.conftest import make_settings
 
 needs_linux = pytest.mark.skipif(
@@ -134,3 +137,20 @@ def test_service_lowers_image_threads_only(checkpoint_path, photos):
     workers = [value for name, value in nice.items() if name.startswith("AnyIO worker")]
     assert workers
     assert all(value == min(19, base + 4) for value in workers)
+
+
+def test_request_dependencies_stay_off_image_threads():
+    # FastAPI runs a plain-function dependency on anyio's worker threads, the threads whose
+    # nice value image work raises, so every dependency must be a coroutine function.
+    calls = []
+
+    def collect(dependant) -> None:
+        for dependency in dependant.dependencies:
+            calls.append(dependency.call)
+            collect(dependency)
+
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            collect(route.dependant)
+    assert calls
+    assert [call.__name__ for call in calls if not inspect.iscoroutinefunction(call)] == []
