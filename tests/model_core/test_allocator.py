@@ -80,7 +80,7 @@ def test_freed_buffers_are_reused_without_new_page_faults():
         {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.trim_threshold=134217728"},
     ],
 )
-def test_environment_keeps_its_threshold_and_the_other_is_raised(variable):
+def test_environment_threshold_kept_other_raised(variable):
     # glibc stops adjusting the mmap threshold once the trim threshold is set, so without
     # the raised mmap threshold every round would map its buffers afresh.
     before, applied, after = _run(variable)
