@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(format_settings_error(exc), file=sys.stderr)
+        print(format_settings_error(exc, flags=overrides), file=sys.stderr)
         return 2
 
     logging.basicConfig(
@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                 # Still starting: nothing was served yet, so uvicorn's own shutdown is enough.
                 super().handle_exit(sig, frame)
             elif self._drain_signal is None:
-                self._drain_signal = sig
+                # The time first: a signal that interrupts this handler between the two lines
+                # then finds a drain signal with its time.
                 self._drain_signal_at = time.monotonic()
+                self._drain_signal = sig
                 self._loop.call_soon_threadsafe(self._start_drain, settings.drain_timeout_s)
             elif (
                 sig == signal.SIGTERM == self._drain_signal
