@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -195,6 +195,14 @@ _VALUE_ERRORS = frozenset(
 
 _BOUND_WORDS = (("ge", "at least"), ("gt", "above"), ("le", "at most"), ("lt", "below"))
 
+# Bounds that another setting sets (the model validators of Settings).
+_RELATED_BOUNDS = {
+    "max_batch_size": "at most ADAMTL_MAX_QUEUE_SIZE",
+    "max_queue_size": "at least ADAMTL_MAX_BATCH_SIZE",
+    "max_image_pixels": "at most ADAMTL_MAX_PIXELS_IN_FLIGHT",
+    "max_pixels_in_flight": "at least ADAMTL_MAX_IMAGE_PIXELS",
+}
+
 
 def _accepted_values(field: str) -> str | None:
     """Describe the values a numeric or boolean setting accepts, e.g. "an integer from 0 to 19"."""
@@ -230,11 +238,17 @@ def _accepted_values(field: str) -> str | None:
         limits = [f"{words} {bounds[name]:g}" for name, words in _BOUND_WORDS if name in bounds]
         text = f"{kind} {' and '.join(limits)}" if limits else kind
 
+    if field in _RELATED_BOUNDS:
+        text = f"{text}, and {_RELATED_BOUNDS[field]}"
     return f"{text}, or leave it unset" if optional else text
 
 
-def format_settings_error(error: ValidationError) -> str:
-    """Turn a settings validation error into one line per invalid variable."""
+def format_settings_error(error: ValidationError, flags: Collection[str] = ()) -> str:
+    """Turn a settings validation error into one line per invalid variable.
+
+    `flags` names the fields given as command-line flags (`--port` for `port`), which the
+    lines then name instead of the environment variable.
+    """
     lines = ["invalid service settings:"]
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"])
@@ -242,6 +256,8 @@ def format_settings_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if field:
             name = f"{ENV_PREFIX}{field.upper()}"
+            if field in flags:
+                name = "--" + field.replace("_", "-")
             accepted = _accepted_values(field) if item["type"] in _VALUE_ERRORS else None
             hint = f"; use {accepted}" if accepted else ""
             lines.append(f"  {name}={item.get('input')!r}: {message}{hint}")

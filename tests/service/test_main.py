@@ -102,6 +102,8 @@ def test_nan_timeout_fails_start():
         ("torch_threads", "0", "use an integer from 1 to 1024, or leave it unset"),
         ("header_timeout_s", "-1", "use a number above 0 and at most 3600"),
         ("malloc_trim_interval_s", "x", "use 0 to turn trimming off, or a number from 1 to"),
+        ("max_queue_size", "0", "from 1 to 100000, and at least ADAMTL_MAX_BATCH_SIZE"),
+        ("max_pixels_in_flight", "0", "at least 1, and at least ADAMTL_MAX_IMAGE_PIXELS"),
     ],
 )
 def test_setting_error_names_accepted_values(monkeypatch, field, value, accepted):
@@ -111,6 +113,14 @@ def test_setting_error_names_accepted_values(monkeypatch, field, value, accepted
     message = format_settings_error(error.value)
     assert f"ADAMTL_{field.upper()}={value!r}" in message
     assert accepted in message
+
+
+def test_setting_error_names_the_flag_given():
+    with pytest.raises(ValidationError) as error:
+        Settings(port=70000)
+    message = format_settings_error(error.value, flags={"port"})
+    assert "--port=70000: " in message
+    assert "ADAMTL_PORT" not in message
 
 
 def test_unknown_setting_fails_start():
@@ -334,7 +344,7 @@ def test_drain_timeout_answers_json_503(checkpoint_path):
     assert_shutting_down_error(unfinished)
     assert "shut down before this request finished" in unfinished.json()["message"]
     assert process.returncode in (0, -signal.SIGTERM), output
-    assert "drain deadline reached; requests in flight: 1, of which 1 get a 503" in output
+    assert "drain deadline reached; requests in flight: 1; cancelling the 1 whose" in output
     assert "Internal Server Error" not in output
     assert "Cancel 1 running task(s)" not in output
     assert "shutdown complete" in output
