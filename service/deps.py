@@ -135,8 +135,8 @@ class ServiceState:
         unanswered = [request for request in self.in_flight if not request.response_started]
         # The deadline is ADAMTL_DRAIN_TIMEOUT_S after the first signal, or now after a second.
         logger.warning(
-            "drain deadline reached; requests in flight: %d, of which %d get a 503 because "
-            "their response has not started",
+            "drain deadline reached; requests in flight: %d; cancelling the %d whose response "
+            "has not started",
             len(self.in_flight),
             len(unanswered),
         )
