@@ -232,6 +232,24 @@ def send_while_admitted(
     return in_flight
 
 
+@contextmanager
+def request_in_flight(
+    checkpoint: Path, image: bytes, **variables: str
+) -> Iterator[tuple[subprocess.Popen, str, Future]]:
+    """Run the service, send `image` to /predict from a thread, and yield once it is admitted.
+
+    Yields the process, its URL and the future of the request's response.
+    """
+    with running_service(checkpoint, **variables) as (process, url):
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            httpx.Client(base_url=url, timeout=10) as monitor,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            wait_until_ready(process, client)
+            yield process, url, send_while_admitted(pool, client, monitor, image)
+
+
 def wait_until_draining(url: str) -> None:
     """Poll /readyz on new connections until it turns 503. A refused connection fails."""
     deadline = time.monotonic() + 10
@@ -329,16 +347,13 @@ def test_upload_in_progress_finishes_during_drain(checkpoint_path, photos):
 
 
 def test_drain_timeout_answers_json_503(checkpoint_path):
-    with running_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="0.2") as (process, url):
-        with (
-            httpx.Client(base_url=url, timeout=60) as client,
-            httpx.Client(base_url=url, timeout=10) as monitor,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            wait_until_ready(process, client)
-            in_flight = send_while_admitted(pool, client, monitor, slow_png())
-            process.send_signal(signal.SIGTERM)
-            unfinished = in_flight.result()
+    with request_in_flight(checkpoint_path, slow_png(), ADAMTL_DRAIN_TIMEOUT_S="0.2") as (
+        process,
+        _,
+        in_flight,
+    ):
+        process.send_signal(signal.SIGTERM)
+        unfinished = in_flight.result()
         output = finish(process)
 
     assert_shutting_down_error(unfinished)
@@ -352,18 +367,14 @@ def test_drain_timeout_answers_json_503(checkpoint_path):
 
 def test_drain_timeout_fails_queued_request_quietly(checkpoint_path, photos):
     # A long batch wait keeps the request queued until the drain's deadline.
-    with running_service(
-        checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="0.3", ADAMTL_MAX_BATCH_WAIT_MS="5000"
-    ) as (process, url):
-        with (
-            httpx.Client(base_url=url, timeout=60) as client,
-            httpx.Client(base_url=url, timeout=10) as monitor,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            wait_until_ready(process, client)
-            in_flight = send_while_admitted(pool, client, monitor, photos["chelsea.png"])
-            process.send_signal(signal.SIGTERM)
-            unfinished = in_flight.result()
+    with request_in_flight(
+        checkpoint_path,
+        photos["chelsea.png"],
+        ADAMTL_DRAIN_TIMEOUT_S="0.3",
+        ADAMTL_MAX_BATCH_WAIT_MS="5000",
+    ) as (process, _, in_flight):
+        process.send_signal(signal.SIGTERM)
+        unfinished = in_flight.result()
         output = finish(process)
 
     assert_shutting_down_error(unfinished)
@@ -419,22 +430,19 @@ def test_idle_sigterm_exits_quickly(checkpoint_path):
 
 
 def test_second_sigterm_ends_drain(checkpoint_path):
-    with running_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="120") as (process, url):
-        with (
-            httpx.Client(base_url=url, timeout=60) as client,
-            httpx.Client(base_url=url, timeout=10) as monitor,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            wait_until_ready(process, client)
-            in_flight = send_while_admitted(pool, client, monitor, slow_png())
-            process.send_signal(signal.SIGTERM)
-            wait_until_draining(url)
-            time.sleep(REPEATED_SIGTERM_S)  # sooner, it would count as the same signal
-            signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            unfinished = in_flight.result()
-            output = finish(process)
-            exit_s = time.monotonic() - signalled
+    with request_in_flight(checkpoint_path, slow_png(), ADAMTL_DRAIN_TIMEOUT_S="120") as (
+        process,
+        url,
+        in_flight,
+    ):
+        process.send_signal(signal.SIGTERM)
+        wait_until_draining(url)
+        time.sleep(REPEATED_SIGTERM_S)  # sooner, it would count as the same signal
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        unfinished = in_flight.result()
+        output = finish(process)
+        exit_s = time.monotonic() - signalled
 
     assert_shutting_down_error(unfinished)
     assert process.returncode in (0, -signal.SIGTERM), output
@@ -446,21 +454,18 @@ def test_second_sigterm_ends_drain(checkpoint_path):
 
 def test_repeated_sigterm_keeps_draining(checkpoint_path):
     # `kill -TERM -- -PGID` on `make serve` delivers SIGTERM twice: directly and through make.
-    with running_service(checkpoint_path, ADAMTL_DRAIN_TIMEOUT_S="120") as (process, url):
-        with (
-            httpx.Client(base_url=url, timeout=60) as client,
-            httpx.Client(base_url=url, timeout=10) as monitor,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            wait_until_ready(process, client)
-            in_flight = send_while_admitted(pool, client, monitor, slow_png())
-            process.send_signal(signal.SIGTERM)
-            # Sent at once, the two would merge into one before the handler runs: Linux keeps
-            # at most one pending SIGTERM per process.
-            time.sleep(0.3)
-            process.send_signal(signal.SIGTERM)
-            finished = in_flight.result()
-            output = finish(process)
+    with request_in_flight(checkpoint_path, slow_png(), ADAMTL_DRAIN_TIMEOUT_S="120") as (
+        process,
+        _,
+        in_flight,
+    ):
+        process.send_signal(signal.SIGTERM)
+        # Sent at once, the two would merge into one before the handler runs, because Linux
+        # keeps at most one pending SIGTERM per process.
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        finished = in_flight.result()
+        output = finish(process)
 
     assert finished.status_code == 200, finished.text
     assert process.returncode in (0, -signal.SIGTERM), output
