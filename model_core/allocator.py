@@ -1,15 +1,15 @@
 """Let glibc's malloc reuse freed tensor memory instead of returning it to the kernel at once.
 
-By default glibc serves an allocation of 128 KiB or more with a mapping of its own and unmaps
-it on `free`, raising that threshold as mapped blocks are freed (mallopt(3)). Each fresh
-mapping costs a page fault per 4 KiB page at first touch, which the kernel fills with zeros.
-A forward pass and its post-processing allocate many buffers of a few megabytes. A loop that
-allocated and freed a 640x480x3 float32 array and three more took 2,596 page faults and 5.0
-ms per round with glibc 2.36's defaults, against 52 faults and 0.67 ms with the settings
-below (development machine). They keep freed blocks of up to 32 MiB inside the heap,
-and return free memory at the heap's top to the kernel only once more than 64 MiB of it has
-gathered. A process that calls `malloc_trim` (as the service does periodically) still hands
-the rest back.
+By default glibc serves an allocation of 128 KiB or more with a mapping of its own, unmaps it
+on `free`, and adjusts that threshold to the program's allocations (glibc manual, "Malloc
+Tunable Parameters"). Each fresh mapping costs a page fault per 4 KiB page at first touch,
+which the kernel fills with zeros. A forward pass and its post-processing allocate many
+buffers of a few megabytes. A loop that allocated and freed a 640x480x3 float32 array and
+three more took 2,596 page faults and 5.0 ms per round with glibc 2.36's defaults, against 52
+faults and 0.67 ms with the settings below (development machine). They keep freed blocks of
+up to 32 MiB inside the heap, and return free memory at the heap's top to the kernel only once
+more than 64 MiB of it has gathered. A process that calls `malloc_trim` (as the service does
+periodically) still hands the rest back.
 
 A threshold that an environment variable sets (`MALLOC_MMAP_THRESHOLD_`,
 `MALLOC_TRIM_THRESHOLD_` or its name in `GLIBC_TUNABLES`) keeps the environment's value.
@@ -27,9 +27,7 @@ __all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "reuse_freed_memory"]
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-# Blocks up to 32 MiB, the most that glibc's own adjustment reaches on 64-bit systems
-# (DEFAULT_MMAP_THRESHOLD_MAX in mallopt(3)), come from the heap. Larger ones still get a
-# mapping of their own.
+# Blocks up to 32 MiB come from the heap. Larger ones still get a mapping of their own.
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
 
@@ -51,7 +49,7 @@ _THRESHOLDS = (
 
 
 def _tunable_names(environ: Mapping[str, str]) -> set[str]:
-    """Names in GLIBC_TUNABLES, a colon-separated list of name=value pairs."""
+    """Return the names in GLIBC_TUNABLES, a colon-separated list of name=value pairs."""
     pairs = environ.get("GLIBC_TUNABLES", "").split(":")
     return {pair.split("=", 1)[0] for pair in pairs if "=" in pair}
 
@@ -60,10 +58,10 @@ def reuse_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (see the module docstring).
 
     A threshold that the environment sets keeps its value, and the other one is still raised.
-    Setting either one stops glibc's own adjustment of the mmap threshold (mallopt(3)), so
-    leaving the other at its default would map every block of 128 KiB or more afresh.
+    Setting either one stopped glibc 2.36's own adjustment of the mmap threshold, so leaving
+    the other at its default would map every block of 128 KiB or more afresh.
 
-    Call it once, early; allocations made before keep their place. Safe to call again.
+    Call it once, early: allocations made before keep their place. Calling it again is safe.
 
     Returns:
         True when this call set both thresholds. False where the C library has no `mallopt`

@@ -283,14 +283,14 @@ class Predictor:
         if task == "normals":
             normals = bilinear_resize(output, size, channels_last=True)  # (H, W, 3)
             squares = normals.square()
-            # The sum of three slices, not a reduction over the last dimension, which torch
-            # runs slowly for three channels (see model_core.heads.unit_vectors).
+            # Three slices added took 1.1 ms against 1.3 ms for `squares.sum(-1)` on a 640x480
+            # map (one core of the development machine).
             length = (squares[..., 0] + squares[..., 1] + squares[..., 2]).clamp_min_(1e-12)
             return normals.mul_(length.rsqrt_().unsqueeze(-1))
         side = self.input_size
-        # Channels last, argmax reduces over each pixel's contiguous class scores: 0.67 ms for
-        # 9 classes at 192x192, against 3.6 ms over the first dimension of (C, H, W) scores
-        # (one core of the development machine).
+        # Channels last, argmax reduces over each pixel's contiguous class scores. For 9
+        # classes at 192x192 the resize and argmax took 0.67 ms, and argmax over the first
+        # dimension of (C, H, W) scores alone 3.6 ms (one core of the development machine).
         logits = bilinear_resize(output, (side, side), channels_last=True)
         labels = logits.argmax(-1)[None, None].float()  # class indices, below MAX_CLASSES
         labels = F.interpolate(labels, size=size, mode="nearest")

@@ -154,9 +154,9 @@ class ServiceState:
             await asyncio.sleep(_DRAIN_POLL_S)
 
 
-# The dependencies are coroutines, although they never wait: FastAPI runs plain functions on
-# anyio's worker threads, which also decode and encode images at a raised nice value
-# (service.priority), and each such call costs two thread switches.
+# The dependencies are coroutines although they never wait, because FastAPI runs plain
+# functions on anyio's worker threads. Those threads decode and encode images at a raised nice
+# value (service.priority), and a test checks that every dependency is a coroutine.
 
 
 async def get_state(request: Request) -> ServiceState:
