@@ -92,8 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_file_limit()
     import uvicorn
 
+    from model_core.threads import use_torch_threads
     from service.app import StartupError, create_app, load_predictor
 
+    if settings.torch_threads is None:
+        import torch
+
+        # torch's default, read before this thread's count drops to 1 below.
+        settings = settings.model_copy(update={"torch_threads": torch.get_num_threads()})
+    # This thread loads the model and then runs the event loop. With one torch thread it
+    # starts no OpenMP team next to the inference thread's (model_core.threads).
+    use_torch_threads(1)
     try:
         predictor = load_predictor(settings.checkpoint)
     except StartupError as exc:

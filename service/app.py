@@ -21,6 +21,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_core.threads import use_torch_threads
 from service.admission import PixelBudget
 from service.batching import Batcher
 from service.deps import RETRY_AFTER_S, InFlightRequest, PredictJob, ServiceState
@@ -76,6 +77,23 @@ def load_predictor(checkpoint: Path) -> Predictor:
         ) from exc
 
 
+def _load_on_one_thread(checkpoint: Path) -> Predictor:
+    # anyio's worker threads are the image threads too: none of them gets an OpenMP team.
+    use_torch_threads(1)
+    return load_predictor(checkpoint)
+
+
+def threads_for_batch(max_threads: int, cpus: int, busy_image_threads: int) -> int:
+    """Return the torch threads of the next batch: the CPUs that image work leaves, at least 1.
+
+    An OpenMP team waits at each barrier for its slowest thread, so a team thread that shares
+    a core with an image thread delays the whole pass. On 2 cores with 2 torch threads
+    at concurrency 16, a team of 2 for every batch served 35.3 and 35.5 requests/s, and this
+    rule 41.6 and 44.1 (benchmarks.service_load, development machine).
+    """
+    return max(1, min(max_threads, cpus - busy_image_threads))
+
+
 def describe_model(predictor: Predictor, checkpoint: Path) -> dict[str, Any]:
     """Collect the model facts served at /v1/model and logged at start-up."""
     metadata = predictor.metadata or {}
@@ -127,10 +145,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     settings = state.settings
 
-    if settings.torch_threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(settings.torch_threads)
+    inference_threads = settings.torch_threads or torch.get_num_threads()
+    # Only the inference thread runs torch on several threads (model_core.threads): a second
+    # OpenMP team made a batch-1 pass on 2 cores nearly twice as slow. This thread runs the
+    # event loop, and anyio's worker threads, started later, inherit its count of 1.
+    use_torch_threads(1)
     if settings.reuse_freed_memory:
         from model_core.allocator import reuse_freed_memory
 
@@ -143,7 +164,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     started = time.perf_counter()
     predictor = state.predictor
     if predictor is None:
-        predictor = await run_in_threadpool(load_predictor, settings.checkpoint)
+        predictor = await run_in_threadpool(_load_on_one_thread, settings.checkpoint)
     info = describe_model(predictor, settings.checkpoint)
     metrics = ServiceMetrics(
         state.registry,
@@ -157,7 +178,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # maps on the image threads once the pass has ended, while the next batch runs (see
     # routes.MapEncoder). Starting a lone image's maps while its last heads still ran made
     # the pass about 13 ms slower and the request about 5 ms slower (docs/benchmarks.md).
+    cpus = len(os.sched_getaffinity(0))
+
     def predict_batch(jobs: list[PredictJob]) -> list[HeadOutputs]:
+        # The limiter's count changes on the event loop's thread. Reading it here is one len()
+        # under the interpreter lock, and a count one batch old only costs speed.
+        limiter = state.image_limiter
+        busy = limiter.borrowed_tokens if limiter is not None else 0
+        use_torch_threads(threads_for_batch(inference_threads, cpus, busy))
         return predictor.infer(
             [job.image for job in jobs],
             [job.budget for job in jobs],
@@ -173,6 +201,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_queue_depth=metrics.queue_depth.set,
     )
     batcher.start()
+    await batcher.run_in_worker(lambda: use_torch_threads(inference_threads))
     state.predictor, state.batcher, state.metrics, state.model_info = (
         predictor,
         batcher,
@@ -205,7 +234,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.ready = True
     logger.info(
         "serving model %s version %s (preset %s, tasks %s, input %d px, static %.4g MACs per "
-        "image, budgets %.2f to %.2f) from %s; ready after %.1f s",
+        "image, budgets %.2f to %.2f) from %s on %d torch threads; ready after %.1f s",
         info["name"],
         info["version"],
         info["preset"],
@@ -214,6 +243,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         info["static_flops"],
         *info["budget_range"],
         settings.checkpoint,
+        inference_threads,
         time.perf_counter() - started,
     )
     logger.info("settings: %s", settings.model_dump_json())

@@ -16,6 +16,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from model_core.threads import use_torch_threads
 from service import imaging
 from service.admission import PixelLimitError, PixelReservation
 from service.batching import (
@@ -368,6 +369,7 @@ class MapEncoder:
             # The request failed before this map's thread started.
             raise _MapSkipped(task)
         lower_thread_priority(self._niceness)
+        use_torch_threads(1)  # no OpenMP team of its own (model_core.threads)
         value = self._predictor.postprocess(task, output, *self._size)
         if self._closed:
             # The request failed or timed out while this map was resized.

@@ -31,7 +31,12 @@ class Settings(BaseSettings):
         DEFAULT_CHECKPOINT, description="Path of the .safetensors checkpoint to serve."
     )
     torch_threads: int | None = Field(
-        None, ge=1, le=1024, description="Intra-op threads of torch; unset keeps torch's default."
+        None,
+        ge=1,
+        le=1024,
+        description="Maximum intra-op threads of torch in the inference thread. A batch gets "
+        "the CPUs that busy image threads leave, at least 1. Unset keeps the count of the "
+        "thread that starts the service (torch's default in a new process).",
     )
     warmup: bool = Field(True, description="Run one batch through the model before turning ready.")
     image_threads: int | None = Field(

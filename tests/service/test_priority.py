@@ -1,4 +1,4 @@
-"""Nice values of the image threads: raised once per thread, never for the inference thread."""
+"""Image threads: nice values raised once per thread, and torch kept to one OpenMP team."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import threading
 
 import httpx
 import pytest
+import torch
 from fastapi.routing import APIRoute
 
-from service.app import create_app
+from service.app import create_app, threads_for_batch
 from service.priority import lower_thread_priority
 from service.routes import router
 from tests.service.conftest import make_settings
@@ -154,3 +155,55 @@ def test_request_dependencies_stay_off_image_threads():
             collect(route.dependant)
     assert calls
     assert [call.__name__ for call in calls if not inspect.iscoroutinefunction(call)] == []
+
+
+def _native_threads() -> set[int]:
+    """Ids of the process's threads that Python did not start, such as OpenMP's workers."""
+    started_by_python = {thread.native_id for thread in threading.enumerate()}
+    return {int(name) for name in os.listdir("/proc/self/task")} - started_by_python
+
+
+@needs_linux
+def test_service_starts_one_openmp_team(checkpoint_path, photos):
+    # With 2 torch threads, the inference thread's team adds one OpenMP worker. The loading
+    # thread and the four map threads run torch on one thread each and add none.
+    app = create_app(make_settings(checkpoint_path, torch_threads=2))
+    before = _native_threads()
+
+    async def scenario() -> tuple[int, int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with app.router.lifespan_context(app):
+                response = await client.post(
+                    "/predict",
+                    params={"budget": 0.6},
+                    content=photos["rocket.jpg"],
+                    headers={"content-type": "image/jpeg"},
+                )
+                # Counted while the service's threads still exist.
+                new_workers = len(_native_threads() - before)
+        return response.status_code, new_workers
+
+    try:
+        status, new_workers = asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        # The lifespan set the count that threads started later inherit: restore the tests' 1.
+        torch.set_num_threads(1)
+    assert status == 200
+    assert new_workers == 1
+
+
+@pytest.mark.parametrize(
+    ("max_threads", "cpus", "busy", "expected"),
+    [
+        (2, 2, 0, 2),  # a lone request gets every core
+        (2, 2, 1, 1),
+        (2, 2, 5, 1),  # never fewer than 1
+        (1, 2, 0, 1),  # never more than the setting
+        (4, 2, 0, 2),  # nor more than the CPUs
+        (8, 16, 4, 8),
+        (8, 16, 12, 4),
+    ],
+)
+def test_batch_threads_leave_busy_cores(max_threads, cpus, busy, expected):
+    assert threads_for_batch(max_threads, cpus, busy) == expected
