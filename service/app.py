@@ -87,9 +87,9 @@ def threads_for_batch(max_threads: int, cpus: int, busy_image_threads: int) -> i
     """Return the torch threads of the next batch: the CPUs that image work leaves, at least 1.
 
     An OpenMP team waits at each barrier for its slowest thread, so a team thread that shares
-    a core with an image thread delays the whole pass. On 2 cores with 2 torch threads
-    at concurrency 16, a team of 2 for every batch served 35.3 and 35.5 requests/s, and this
-    rule 41.6 and 44.1 (benchmarks.service_load, development machine).
+    a core with an image thread delays the whole pass. On 2 cores with 2 torch threads at
+    concurrency 16, two runs served 35.8 and 38.1 requests/s with this rule, and 34.1 and 34.3
+    with a team of 2 for every batch (benchmarks.service_load, development machine).
     """
     return max(1, min(max_threads, cpus - busy_image_threads))
 
