@@ -332,7 +332,7 @@ def _decode_in_image_thread(niceness: int, *args: Any) -> imaging.DecodedImage:
 class MapEncoder:
     """Resize and encode the maps of one request after its forward pass.
 
-    Each map gets its own worker thread. torch, numpy and zlib-ng release the interpreter
+    Each map gets its own worker thread. torch, numpy and ISA-L release the interpreter
     lock, so the maps of one request are processed in parallel when cores are idle, and the
     inference thread can run the next batch meanwhile. `limiter` caps the threads of all
     requests together, and `helper` compresses half of each large map when it is idle. Each
