@@ -141,7 +141,11 @@ def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the model, start the batcher and warm up; on shutdown, drain and stop."""
+    """Load the model, start the batcher and warm up; on shutdown, drain and stop.
+
+    It also sets torch's thread count to 1 in the thread that runs it, which runs the event
+    loop: only the inference thread computes on several threads (model_core.threads).
+    """
     state: ServiceState = app.state.service
     settings = state.settings
 
