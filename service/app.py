@@ -238,7 +238,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.ready = True
     logger.info(
         "serving model %s version %s (preset %s, tasks %s, input %d px, static %.4g MACs per "
-        "image, budgets %.2f to %.2f) from %s on %d torch threads; ready after %.1f s",
+        "image, budgets %.2f to %.2f) from %s; inference torch threads: %d; ready after %.1f s",
         info["name"],
         info["version"],
         info["preset"],
