@@ -151,7 +151,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     import torch
 
-    inference_threads = settings.torch_threads or torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0))
+    inference_threads = min(settings.torch_threads or torch.get_num_threads(), cpus)
     # Only the inference thread runs torch on several threads (model_core.threads): a second
     # OpenMP team made a batch-1 pass on 2 cores nearly twice as slow. This thread runs the
     # event loop, and anyio's worker threads, started later, inherit its count of 1.
@@ -182,8 +183,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # maps on the image threads once the pass has ended, while the next batch runs (see
     # routes.MapEncoder). Starting a lone image's maps while its last heads still ran made
     # the pass about 13 ms slower and the request about 5 ms slower (docs/benchmarks.md).
-    cpus = len(os.sched_getaffinity(0))
-
     def predict_batch(jobs: list[PredictJob]) -> list[HeadOutputs]:
         # The limiter's count changes on the event loop's thread. Reading it here is one len()
         # under the interpreter lock, and a count one batch old only costs speed.

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="Maximum intra-op threads of torch in the inference thread. A batch gets "
+        description="Maximum intra-op threads of torch in the inference thread, at most the "
+        "CPUs the process may use. A batch gets "
         "the CPUs that busy image threads leave, at least 1. Unset keeps the count of the "
         "thread that starts the service (torch's default in a new process).",
     )
