@@ -9,7 +9,7 @@ second team on a machine with few cores puts every worker to sleep between the h
 parallel regions of a forward pass, and each region waits for the kernel to wake them.
 
 Measured on 2 cores (medians of 70 passes, development machine): a batch-1 pass of the demo
-model took 13.2 to 14.9 ms when only its own thread had run torch. It took 24.4 to 24.6 ms
+model took 13.2 to 14.9 ms when only its own thread had run torch. It took 24.4 to 32.8 ms
 after another thread had run torch with 2 threads, and 24.3 ms with `OMP_WAIT_POLICY=PASSIVE`,
 under which workers sleep at once.
 
