@@ -213,9 +213,9 @@ def queue_depth(client: httpx.Client) -> float:
 
 
 def slow_png() -> bytes:
-    """A small file that takes seconds to decode, resize and encode: 4000x4000 of one color."""
+    """A small file that takes seconds to decode, resize and encode: 5000x5000 of one color."""
     buffer = io.BytesIO()
-    Image.new("RGB", (4000, 4000), (90, 20, 200)).save(buffer, "PNG")
+    Image.new("RGB", (5000, 5000), (90, 20, 200)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -430,7 +430,11 @@ def test_idle_sigterm_exits_quickly(checkpoint_path):
 
 
 def test_second_sigterm_ends_drain(checkpoint_path):
-    with request_in_flight(checkpoint_path, slow_png(), ADAMTL_DRAIN_TIMEOUT_S="120") as (
+    # One image thread encodes the four maps one after the other, so the request still runs
+    # when the second signal comes more than REPEATED_SIGTERM_S after the first.
+    with request_in_flight(
+        checkpoint_path, slow_png(), ADAMTL_DRAIN_TIMEOUT_S="120", ADAMTL_IMAGE_THREADS="1"
+    ) as (
         process,
         url,
         in_flight,
