@@ -78,7 +78,8 @@ def load_predictor(checkpoint: Path) -> Predictor:
 
 
 def _load_on_one_thread(checkpoint: Path) -> Predictor:
-    # anyio's worker threads are the image threads too: none of them gets an OpenMP team.
+    # anyio's worker threads are also the image threads, so none of them may get an OpenMP
+    # team.
     use_torch_threads(1)
     return load_predictor(checkpoint)
 
@@ -143,8 +144,8 @@ def _warm_up(predictor: Predictor, max_batch_size: int) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the model, start the batcher and warm up; on shutdown, drain and stop.
 
-    It also sets torch's thread count to 1 in the thread that runs it, which runs the event
-    loop: only the inference thread computes on several threads (model_core.threads).
+    It also sets torch's thread count to 1 in the thread that runs it, the event loop's
+    thread, because only the inference thread computes on several threads (model_core.threads).
     """
     state: ServiceState = app.state.service
     settings = state.settings
@@ -153,8 +154,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     cpus = len(os.sched_getaffinity(0))
     inference_threads = min(settings.torch_threads or torch.get_num_threads(), cpus)
-    # Only the inference thread runs torch on several threads (model_core.threads): a second
-    # OpenMP team made a batch-1 pass on 2 cores nearly twice as slow. This thread runs the
+    # Only the inference thread runs torch on several threads (model_core.threads), because a
+    # second OpenMP team made a batch-1 pass on 2 cores nearly twice as slow. This thread runs the
     # event loop, and anyio's worker threads, started later, inherit its count of 1.
     use_torch_threads(1)
     if settings.reuse_freed_memory:

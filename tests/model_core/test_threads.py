@@ -49,7 +49,7 @@ _TEAMS = textwrap.dedent(
     def work(count):
         if count is not None:
             use_torch_threads(count)
-        (values * 2).sum()  # 4 million elements: split over the thread's team
+        (values * 2).sum()  # 4 million elements, which the thread's team splits
         finished.wait()
         release.wait()
 

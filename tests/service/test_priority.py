@@ -7,6 +7,8 @@ import inspect
 import os
 import sys
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -17,6 +19,8 @@ from service.app import create_app, threads_for_batch
 from service.priority import lower_thread_priority
 from service.routes import router
 from tests.service.conftest import make_settings
+
+T = TypeVar("T")
 
 needs_linux = pytest.mark.skipif(
     sys.platform != "linux", reason="only Linux gives each thread its own nice value"
@@ -105,30 +109,41 @@ def test_zero_niceness_changes_nothing():
     assert after == before
 
 
-@needs_linux
-def test_service_lowers_image_threads_only(checkpoint_path, photos):
-    app = create_app(make_settings(checkpoint_path, image_thread_niceness=4))
-    base = _nice(os.getpid())
+def _predict_then_read(app, jpeg: bytes, read_state: Callable[[], T]) -> tuple[int, T]:
+    """Serve one /predict of `jpeg` in-process, and return its status and `read_state()`.
 
-    async def scenario() -> tuple[int, dict[str, int]]:
+    `read_state` runs after the response and before the lifespan ends, while the service's
+    threads still exist.
+    """
+
+    async def scenario() -> tuple[int, T]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             async with app.router.lifespan_context(app):
                 response = await client.post(
                     "/predict",
                     params={"budget": 0.6},
-                    content=photos["rocket.jpg"],
+                    content=jpeg,
                     headers={"content-type": "image/jpeg"},
                 )
-                # Read while the service's threads still exist.
-                nice = {
-                    thread.name: _nice(thread.native_id)
-                    for thread in threading.enumerate()
-                    if thread.native_id is not None
-                }
-        return response.status_code, nice
+                return response.status_code, read_state()
 
-    status, nice = asyncio.run(asyncio.wait_for(scenario(), 120))
+    return asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+@needs_linux
+def test_service_lowers_image_threads_only(checkpoint_path, photos):
+    app = create_app(make_settings(checkpoint_path, image_thread_niceness=4))
+    base = _nice(os.getpid())
+
+    def read_nice_values() -> dict[str, int]:
+        return {
+            thread.name: _nice(thread.native_id)
+            for thread in threading.enumerate()
+            if thread.native_id is not None
+        }
+
+    status, nice = _predict_then_read(app, photos["rocket.jpg"], read_nice_values)
     assert status == 200
     inference = [value for name, value in nice.items() if name.startswith("adamtl-inference")]
     assert inference == [base]
@@ -170,23 +185,10 @@ def test_service_starts_one_openmp_team(checkpoint_path, photos):
     # threads run torch on one thread each and add none.
     app = create_app(make_settings(checkpoint_path, torch_threads=2))
     before = _native_threads()
-
-    async def scenario() -> tuple[int, int]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            async with app.router.lifespan_context(app):
-                response = await client.post(
-                    "/predict",
-                    params={"budget": 0.6},
-                    content=photos["rocket.jpg"],
-                    headers={"content-type": "image/jpeg"},
-                )
-                # Counted while the service's threads still exist.
-                new_workers = len(_native_threads() - before)
-        return response.status_code, new_workers
-
     try:
-        status, new_workers = asyncio.run(asyncio.wait_for(scenario(), 120))
+        status, new_workers = _predict_then_read(
+            app, photos["rocket.jpg"], lambda: len(_native_threads() - before)
+        )
     finally:
         # The lifespan set the count that threads started later inherit: restore the tests' 1.
         torch.set_num_threads(1)
